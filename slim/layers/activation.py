@@ -1,0 +1,193 @@
+"""Element-wise layers: activations, Power/Exp/Log, Clip, Threshold and Dropout. Each keeps the bottom's shape."""
+
+import math
+
+from slim import proto as pb
+from slim.layers._lazy import F, torch
+from slim.layers.base import Layer, count, register
+from slim.layers.fillers import constant_filler, fill
+
+__all__ = ["ReLU", "PReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "BNLL", "Power", "Exp", "Log", "Swish", "Clip",
+           "Threshold", "Dropout"]
+
+
+class _Elementwise(Layer):
+    def setup(self):
+        self.top_shapes = [self.bottom_shapes[0]]
+        self.check()
+
+    def check(self):
+        """Validate the layer's own parameter (ValueError with the specifics)."""
+
+    def forward(self, blobs, bottoms):
+        return [self.apply(bottoms[0], blobs)]
+
+    def macs(self):
+        return count(self.bottom_shapes[0])
+
+
+def _simple(type_name, fn, doc):
+    cls = type(type_name, (_Elementwise,), {"type": type_name, "__doc__": doc,
+                                             "apply": lambda self, x, blobs: fn(x)})
+    return register(cls)
+
+
+Sigmoid = _simple("Sigmoid", lambda x: torch.sigmoid(x), "y = 1 / (1 + exp(-x)).")
+TanH = _simple("TanH", lambda x: torch.tanh(x), "y = tanh(x).")
+AbsVal = _simple("AbsVal", lambda x: torch.abs(x), "y = |x|.")
+BNLL = _simple("BNLL", lambda x: F.softplus(x), "y = log(1 + exp(x)), computed stably as Caffe does.")
+
+
+@register
+class ReLU(_Elementwise):
+    """y = max(x, 0) + negative_slope * min(x, 0)."""
+
+    type = "ReLU"
+
+    def apply(self, x, blobs):
+        slope = self.param.relu_param.negative_slope
+        return F.relu(x) if slope == 0 else F.leaky_relu(x, slope)
+
+
+@register
+class PReLU(_Elementwise):
+    """y = max(x, 0) + a * min(x, 0), a learned per channel (C,) or shared (a 0-axis scalar blob).
+
+    Filler default constant 0.25.
+    """
+
+    type = "PReLU"
+
+    def check(self):
+        shape = self.bottom_shapes[0]
+        if len(shape) < 2:
+            raise ValueError(f"PReLU needs a bottom with a channel axis, found {shape}")
+        self.blob_shapes = [()] if self.param.prelu_param.channel_shared else [(shape[1],)]
+
+    def init_blobs(self, generator):
+        pp = self.param.prelu_param
+        return [fill(pp.filler if pp.HasField("filler") else constant_filler(0.25), self.blob_shapes[0], generator,
+                     f"layer {self.name!r}")]
+
+    def apply(self, x, blobs):
+        a = blobs[0].reshape((1, -1) + (1,) * (x.dim() - 2))
+        return torch.where(x > 0, x, x * a)
+
+
+@register
+class ELU(_Elementwise):
+    """y = x for x > 0, alpha * (exp(x) - 1) otherwise."""
+
+    type = "ELU"
+
+    def apply(self, x, blobs):
+        return F.elu(x, self.param.elu_param.alpha)
+
+
+@register
+class Swish(_Elementwise):
+    """y = x * sigmoid(beta * x)."""
+
+    type = "Swish"
+
+    def apply(self, x, blobs):
+        beta = self.param.swish_param.beta
+        return x * torch.sigmoid(beta * x) if beta != 1 else F.silu(x)
+
+
+@register
+class Power(_Elementwise):
+    """y = (shift + scale * x) ^ power."""
+
+    type = "Power"
+
+    def apply(self, x, blobs):
+        p = self.param.power_param
+        y = x if p.scale == 1 else x * p.scale
+        if p.shift != 0:
+            y = y + p.shift
+        if p.power == 1:
+            return y if y is not x else x.clone()
+        if p.scale == 0:
+            # Caffe fills a constant (shift^power) without touching x; keep the graph (and the gradient of 0).
+            return torch.full_like(x, p.shift ** p.power if p.power != 0 else 1.0)
+        return y.pow(p.power)
+
+
+@register
+class Exp(_Elementwise):
+    """y = base ^ (shift + scale * x); base -1 means e."""
+
+    type = "Exp"
+
+    def check(self):
+        base = self.param.exp_param.base
+        if base != -1 and base <= 0:
+            raise ValueError(f"base must be -1 (for e) or positive, found {base}")
+
+    def apply(self, x, blobs):
+        p = self.param.exp_param
+        ln_base = 1.0 if p.base == -1 else math.log(p.base)
+        return torch.exp(ln_base * (p.shift + p.scale * x))
+
+
+@register
+class Log(_Elementwise):
+    """y = log_base(shift + scale * x); base -1 means e."""
+
+    type = "Log"
+
+    def check(self):
+        base = self.param.log_param.base
+        if base != -1 and base <= 0:
+            raise ValueError(f"base must be -1 (for e) or positive, found {base}")
+
+    def apply(self, x, blobs):
+        p = self.param.log_param
+        y = torch.log(p.shift + p.scale * x)
+        return y if p.base == -1 else y / math.log(p.base)
+
+
+@register
+class Clip(_Elementwise):
+    """y = min(max(x, min), max)."""
+
+    type = "Clip"
+
+    def check(self):
+        cp = self.param.clip_param
+        if not (cp.HasField("min") and cp.HasField("max")):
+            raise ValueError("clip_param needs both min and max")
+        if cp.min > cp.max:
+            raise ValueError(f"clip_param min {cp.min} is larger than max {cp.max}")
+
+    def apply(self, x, blobs):
+        cp = self.param.clip_param
+        return torch.clamp(x, cp.min, cp.max)
+
+
+@register
+class Threshold(_Elementwise):
+    """y = 1 if x > threshold else 0 (no gradient)."""
+
+    type = "Threshold"
+
+    def apply(self, x, blobs):
+        return (x > self.param.threshold_param.threshold).to(x.dtype)
+
+
+@register
+class Dropout(_Elementwise):
+    """TRAIN: y = x * bernoulli(1 - ratio) / (1 - ratio); TEST: identity. The layer's phase decides, not a flag."""
+
+    type = "Dropout"
+
+    def check(self):
+        r = self.param.dropout_param.dropout_ratio
+        if not 0 <= r < 1:
+            raise ValueError(f"dropout_ratio must be in [0, 1), found {r}")
+
+    def apply(self, x, blobs):
+        if self.phase != pb.TRAIN or self.param.dropout_param.dropout_ratio == 0:
+            return x
+        return F.dropout(x, self.param.dropout_param.dropout_ratio, True)

@@ -1,0 +1,358 @@
+"""Net: a Caffe net as a torch.nn.Module, with Caffe's blobs, weight loading by layer name and .caffemodel output.
+
+    net = slim.Net("deploy.prototxt", weights="w.caffemodel", phase="TEST")
+    out = net(data=x)            # dict: output blob name -> tensor (Caffe's output order); out.loss when it has losses
+    net.params["conv1"]          # [weight, bias] as tensors, Caffe's order and layout
+    net.save("out.caffemodel")   # every layer's blobs, readable by Caffe and OpenCV
+
+Every Caffe blob is an ``nn.Parameter`` (BatchNorm's statistics too, with ``requires_grad`` off, because Caffe keeps
+them among the learnable params with lr_mult 0 and the solver's history follows that order). Shared params (ParamSpec
+names) are the same Parameter object in every layer that names them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from slim import proto as pb
+from slim.errors import NetError, WeightsError
+from slim.graph import LayerNode, NetGraph, build_graph, parse_phase
+from slim.layers.data import _SourceLayer
+
+__all__ = ["Net", "NetOutput", "LearnableParam"]
+
+
+@dataclasses.dataclass
+class LearnableParam:
+    """A blob the solver updates: an owner (not a sharer), in Caffe's learnable_params order."""
+
+    layer: str
+    index: int
+    tensor: nn.Parameter
+    lr_mult: float
+    decay_mult: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.layer}[{self.index}]"
+
+
+class NetOutput(dict):
+    """The net's output blobs by name, in Caffe's order, plus ``loss``: the weighted sum of all loss tops (a
+    0-dim tensor), or None when the net has no loss."""
+
+    loss: Optional[torch.Tensor] = None
+
+
+def _module_key(name: str, taken: set) -> str:
+    key = re.sub(r"[^0-9A-Za-z_]", "_", name) or "_"
+    while key in taken:
+        key += "_"
+    taken.add(key)
+    return key
+
+
+class _Blobs(nn.Module):
+    """Holds one layer's blobs as parameters named "0", "1", ..."""
+
+    def __init__(self, tensors: Sequence[nn.Parameter]):
+        super().__init__()
+        for i, t in enumerate(tensors):
+            self.register_parameter(str(i), t)
+
+    def list(self) -> List[nn.Parameter]:
+        return [self._parameters[str(i)] for i in range(len(self._parameters))]
+
+
+class Net(nn.Module):
+    """A Caffe net built from a prototxt, NetParameter or NetGraph.
+
+    Args:
+        model: prototxt path, NetParameter or NetGraph.
+        weights: a .caffemodel path (or a slim.io.CaffeModel) to load by layer name.
+        phase: "TRAIN" or "TEST" (Caffe's default for a standalone net is TEST).
+        level, stages: NetState level and stages.
+        state: a complete NetState (overrides phase, level and stages).
+        seed: seeds the fillers; None uses torch's global generator.
+        device: where blobs live and data layers deliver batches.
+        rank, world_size: this process's share of the data (data layers shard by rank).
+        data_seed: seed of the data order and random transforms (defaults to ``seed``).
+        allow_unknown_fields: when reading a prototxt path, skip unknown fields with a warning.
+        fuse_bn: run a BatchNorm followed by an in-place Scale as one batch_norm op (same results, faster).
+    """
+
+    def __init__(self, model: Union[str, Path, "pb.NetParameter", NetGraph], weights=None, phase="TEST", *,
+                 level: int = 0, stages: Sequence[str] = (), state: Optional["pb.NetState"] = None,
+                 seed: Optional[int] = None, device=None, rank: int = 0, world_size: int = 1,
+                 data_seed: Optional[int] = None, allow_unknown_fields: bool = False, fuse_bn: bool = True):
+        super().__init__()
+        if isinstance(model, NetGraph):
+            graph = model
+        else:
+            graph = build_graph(model, parse_phase(phase) if state is None else state.phase, level=level,
+                                stages=stages, state=state, allow_unknown_fields=allow_unknown_fields)
+        self.graph = graph
+        self.phase = graph.phase
+        generator = torch.Generator().manual_seed(seed) if seed is not None else torch.default_generator
+        self.blobs = nn.ModuleDict()
+        self._keys: Dict[str, str] = {}
+        taken: set = set()
+        created: Dict[str, List[nn.Parameter]] = {}
+        for node in graph.layers:
+            fresh = node.layer.init_blobs(generator)
+            assert len(fresh) == len(node.blob_shapes), node
+            tensors = []
+            for i, t in enumerate(fresh):
+                spec = node.blob_specs[i]
+                if spec.owner is not None:
+                    tensors.append(created[spec.owner[0]][spec.owner[1]])
+                else:
+                    trainable = node.layer.forced_lr_mult(i) != 0.0
+                    tensors.append(nn.Parameter(t.to(torch.float32).contiguous(), requires_grad=trainable))
+            created[node.name] = tensors
+            if tensors:
+                key = _module_key(node.name, taken)
+                self._keys[node.name] = key
+                self.blobs[key] = _Blobs(tensors)
+        self.register_buffer("_device_probe", torch.empty(0), persistent=False)
+        self._plan = self._make_plan(fuse_bn)
+        if device is not None:
+            self.to(device)
+        self._source_layers = [n.layer for n in graph.layers if isinstance(n.layer, _SourceLayer)]
+        for layer in self._source_layers:
+            layer.attach(rank, world_size, data_seed if data_seed is not None else seed, None)
+        if weights is not None:
+            self.load_weights(weights)
+
+    # ----- structure ---------------------------------------------------------------------------------------
+    @property
+    def params(self) -> "OrderedDict[str, List[nn.Parameter]]":
+        """Layer name -> its blobs as tensors (Caffe's order), for every layer that has blobs."""
+        return OrderedDict((n.name, self.blobs[self._keys[n.name]].list()) for n in self.graph.layers
+                           if n.name in self._keys)
+
+    @property
+    def learnable_params(self) -> List[LearnableParam]:
+        """The blobs the solver owns, in Caffe's learnable_params order (layer order, then blob index)."""
+        out = []
+        params = self.params
+        for node in self.graph.layers:
+            for i, spec in enumerate(node.blob_specs):
+                if spec.owner is None:
+                    out.append(LearnableParam(node.name, i, params[node.name][i], spec.lr_mult, spec.decay_mult))
+        return out
+
+    @property
+    def inputs(self) -> List[str]:
+        return self.graph.inputs
+
+    @property
+    def outputs(self) -> List[str]:
+        return self.graph.outputs
+
+    @property
+    def device(self) -> torch.device:
+        return self._device_probe.device
+
+    def scaling_factors(self) -> "OrderedDict[str, nn.Parameter]":
+        """Network slimming's channel scaling factors: the gamma of every Scale layer that directly follows a
+        BatchNorm (1 bottom, per-channel), by Scale layer name."""
+        out = OrderedDict()
+        params = self.params
+        for node in self.graph.layers:
+            if node.type != "Scale" or len(node.bottoms) != 1 or node.name not in params:
+                continue
+            prod = self.graph.producer.get(node.bottom_ids[0])
+            if prod is not None and self.graph.layers[prod[0]].type == "BatchNorm":
+                out[node.name] = params[node.name][0]
+        return out
+
+    def _make_plan(self, fuse_bn: bool):
+        """Execution steps: (node, fused Scale node or None); a fused Scale is skipped on its own."""
+        plan, skip = [], set()
+        layers = self.graph.layers
+        for node in layers:
+            if node.index in skip:
+                continue
+            fused = None
+            if fuse_bn and node.type == "BatchNorm" and node.index + 1 < len(layers):
+                nxt = layers[node.index + 1]
+                users = self.graph.consumers.get(node.top_ids[0], [])
+                if (nxt.type == "Scale" and len(nxt.bottoms) == 1 and nxt.bottom_ids[0] == node.top_ids[0]
+                        and users == [(nxt.index, 0)] and nxt.layer.axis == 1 and len(nxt.layer.pshape) == 1
+                        and node.top_ids[0] not in self.graph.output_ids and not any(node.loss_weights)
+                        and len(node.top_shapes[0]) >= 2):
+                    fused = nxt
+                    skip.add(nxt.index)
+            plan.append((node, fused))
+        return plan
+
+    # ----- run ---------------------------------------------------------------------------------------------
+    def forward(self, *args, return_blobs: bool = False, **inputs) -> NetOutput:
+        """Run the net.
+
+        Args:
+            *args: input tensors in the order of ``net.inputs`` (alternatively pass them by blob name).
+            return_blobs: also return every intermediate blob (as pycaffe's net.blobs), not only the outputs.
+            **inputs: input tensors by blob name (``net(data=x)``).
+
+        Returns:
+            NetOutput: output blobs by name (Caffe's order); ``.loss`` is the weighted loss when the net has one.
+        """
+        if args:
+            if len(args) > len(self.graph.inputs):
+                raise NetError(f"{self.graph.source}: {len(args)} positional inputs given, the net has "
+                               f"{len(self.graph.inputs)} ({', '.join(self.graph.inputs)}).")
+            inputs.update(zip(self.graph.inputs, args))
+        unknown = set(inputs) - set(self.graph.inputs)
+        if unknown:
+            raise NetError(f"{self.graph.source}: {', '.join(sorted(unknown))} is not an input of the net; its inputs "
+                           f"are {', '.join(self.graph.inputs) or 'none (it reads its data itself)'}.")
+        values: Dict[str, torch.Tensor] = {}
+        loss = None
+        device = self._device_probe.device
+        params = {name: self.blobs[key].list() for name, key in self._keys.items()}
+        for node, fused in self._plan:
+            layer = node.layer
+            if node.type == "Input":
+                tops = []
+                for t, shape in zip(node.tops, node.top_shapes):
+                    if t not in inputs:
+                        raise NetError(f"{self.graph.source}: input blob {t!r} was not given; call the net as "
+                                       f"net({t}=tensor) with shape {shape}.")
+                    x = inputs[t]
+                    if not torch.is_tensor(x):
+                        x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+                    if tuple(x.shape[1:]) != tuple(shape[1:]):
+                        raise NetError(f"{self.graph.source}: input {t!r} has shape {tuple(x.shape)}, the net expects "
+                                       f"{shape} (any batch size).")
+                    tops.append(x.to(device) if x.device != device else x)
+            elif layer.is_data and isinstance(layer, _SourceLayer):
+                layer.device = device
+                tops = layer.forward([], [])
+            else:
+                bottoms = [values[b] for b in node.bottoms]
+                if fused is not None:
+                    sb = params.get(fused.name, [])
+                    gamma = sb[0]
+                    beta = sb[1] if len(sb) > 1 else None
+                    tops = layer.forward(params[node.name], bottoms, weight=gamma, bias=beta)
+                    node = fused
+                else:
+                    tops = layer.forward(params.get(node.name, []), bottoms)
+            for t, v in zip(node.tops, tops):
+                values[t] = v
+            for j, w in enumerate(node.loss_weights):
+                if w:
+                    term = tops[j].sum() * w if w != 1 else tops[j].sum()
+                    loss = term if loss is None else loss + term
+        out = NetOutput((name, values[name]) for name in (values if return_blobs else self.graph.outputs))
+        out.loss = loss
+        return out
+
+    def set_input_arrays(self, data, labels, layer: Optional[str] = None) -> None:
+        """Hand arrays to a MemoryData layer (pycaffe's set_input_arrays)."""
+        targets = [l for l in self._source_layers if l.type == "MemoryData" and (layer is None or l.name == layer)]
+        if not targets:
+            raise NetError(f"{self.graph.source}: the net has no MemoryData layer"
+                           f"{'' if layer is None else f' named {layer!r}'}.")
+        targets[0].source.set_data(data, labels)
+
+    def data_state(self) -> List[tuple]:
+        """(epoch, position) of every data layer, for exact resumption."""
+        return [tuple(l.source.state()) for l in self._source_layers]
+
+    def load_data_state(self, states: Sequence[tuple]) -> None:
+        """Restore data positions saved by ``data_state``."""
+        for layer, (epoch, pos) in zip(self._source_layers, states):
+            layer.source.load_state(int(epoch), int(pos))
+
+    # ----- weights -----------------------------------------------------------------------------------------
+    def share_from(self, other: "Net") -> None:
+        """Use ``other``'s blobs for every layer of the same name (Caffe's ShareTrainedLayersWith): test nets see
+        the train net's weights and BatchNorm statistics without copies."""
+        theirs = other.params
+        for node in self.graph.layers:
+            if node.name not in self._keys or node.name not in theirs:
+                continue
+            src = theirs[node.name]
+            mine = self.blobs[self._keys[node.name]].list()
+            if len(src) != len(mine) or any(a.shape != b.shape for a, b in zip(src, mine)):
+                raise WeightsError(f"layer {node.name!r} has blobs {[tuple(t.shape) for t in mine]} in "
+                                   f"{self.graph.source} and {[tuple(t.shape) for t in src]} in the net it shares "
+                                   f"with; the two nets must agree on layers of the same name.")
+            self.blobs[self._keys[node.name]] = _Blobs(src)
+
+    def load_weights(self, weights) -> List[str]:
+        """Copy blobs from a .caffemodel (path or slim.io.CaffeModel) into the layers of the same name.
+
+        Caffe's CopyTrainedLayersFrom: source layers without a match are ignored; blob counts and shapes must match
+        exactly (legacy 4-D blobs compare against the last four axes, padded with 1s). Returns the names of the
+        layers that were loaded.
+
+        Raises:
+            WeightsError: a blob count or shape mismatch, naming the layer, blob index, expected and found shapes.
+        """
+        from slim.io import read_caffemodel
+        model = read_caffemodel(weights) if isinstance(weights, (str, Path)) else weights
+        source = getattr(model, "path", "<weights>")
+        params = self.params
+        loaded = []
+        with torch.no_grad():
+            for entry in model.layers:
+                if entry.name not in params:
+                    continue
+                target = params[entry.name]
+                if len(entry.blobs) != len(target):
+                    raise WeightsError(
+                        f"{source}: layer {entry.name!r} has {len(entry.blobs)} blobs, the net's layer "
+                        f"({self.graph.layer(entry.name).type}) expects {len(target)}. If the layer changed on "
+                        f"purpose, rename it in the prototxt so it is initialised from its fillers instead.")
+                for i, (arr, t) in enumerate(zip(entry.blobs, target)):
+                    legacy = entry.legacy_shape[i] if i < len(entry.legacy_shape) else False
+                    if not _shape_matches(tuple(arr.shape), tuple(t.shape), legacy):
+                        raise WeightsError(
+                            f"{source}: layer {entry.name!r} blob {i} has shape {tuple(arr.shape)}, the net expects "
+                            f"{tuple(t.shape)}. Rename the layer in the prototxt to train it from scratch, or use "
+                            f"weights made for this net.")
+                    t.copy_(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(t.shape))
+                loaded.append(entry.name)
+        return loaded
+
+    def save(self, path) -> None:
+        """Write every layer (structure and blobs) as a .caffemodel that Caffe and OpenCV load by layer name."""
+        from slim.io import write_caffemodel
+        net = pb.NetParameter()
+        net.name = self.graph.name
+        for node in self.graph.layers:
+            lp = net.layer.add()
+            lp.CopyFrom(node.param)
+            del lp.blobs[:]
+        blobs = {name: [t.detach().cpu().numpy() for t in ts] for name, ts in self.params.items()}
+        write_caffemodel(path, net, blobs)
+
+    def caffe_state_dict(self) -> "OrderedDict[str, torch.Tensor]":
+        """A flat view "layer/index" -> tensor of every layer's blobs (shared blobs appear under each user)."""
+        return OrderedDict((f"{name}/{i}", t) for name, ts in self.params.items() for i, t in enumerate(ts))
+
+    def extra_repr(self) -> str:
+        g = self.graph
+        return (f"{g.name or 'net'} [{'TRAIN' if g.phase == pb.TRAIN else 'TEST'}]: {len(g.layers)} layers, "
+                f"inputs {g.inputs}, outputs {g.outputs}, {g.param_count:,} learnable params")
+
+
+def _shape_matches(stored, target, legacy: bool) -> bool:
+    if not legacy:
+        return stored == target
+    if len(target) > 4:
+        return False
+    padded = (1,) * (4 - len(target)) + target
+    return tuple(stored[-4:]) == padded if len(stored) == 4 else stored == target
