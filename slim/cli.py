@@ -1,0 +1,52 @@
+"""The ``slim`` command: Caffe's tools (train, test, time) and slim's (prune, calflop, deploy, zoo, demo, ...).
+
+Each subcommand lives in slim/commands/<name>.py and provides ``register(subparsers)`` (adding its parser, with
+``func`` set to its ``run(args) -> int``). This module only dispatches: user errors (SlimError) print one clear
+message and exit with status 2, never a traceback.
+"""
+
+import argparse
+import importlib
+import sys
+
+from slim import __version__
+from slim.errors import SlimError
+
+__all__ = ["main", "COMMANDS"]
+
+COMMANDS = ["train", "test", "time", "prune", "pipeline", "calflop", "deploy", "zoo", "summary", "demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every available subcommand."""
+    parser = argparse.ArgumentParser(prog="slim", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"slim {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"slim.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"slim.commands.{name}":
+                continue  # not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``slim`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SlimError as e:
+        print(f"slim {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"slim {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
