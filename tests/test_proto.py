@@ -38,15 +38,15 @@ def test_field_numbers(message, name, number):
 
 
 def test_packed_fields_exactly_as_caffe():
-    packed = set()
+    found = set()
     for name in pb.FILE.message_types_by_name:
         desc = pb.FILE.message_types_by_name[name]
         for f in desc.fields:
             repeated = f.is_repeated if hasattr(f, "is_repeated") else f.label == f.LABEL_REPEATED
             packed = f.is_packed if hasattr(f, "is_packed") else f.GetOptions().packed
             if repeated and packed:
-                packed.add(f"{name}.{f.name}")
-    assert packed == {"BlobShape.dim", "BlobProto.data", "BlobProto.diff", "BlobProto.double_data",
+                found.add(f"{name}.{f.name}")
+    assert found == {"BlobShape.dim", "BlobProto.data", "BlobProto.diff", "BlobProto.double_data",
                       "BlobProto.double_diff"}
 
 
