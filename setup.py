@@ -21,7 +21,8 @@ setup(
     install_requires=["torch>=2.1", "protobuf>=4.25,<8", "numpy>=1.22"],
     extras_require={
         # opencv-python-headless: an independent Caffe forward oracle; 5.x removed the Caffe importer.
-        "test": ["pytest>=7", "opencv-python-headless>=4.5,<5"],
+        "test": ["pytest>=7", "opencv-python-headless>=4.5,<5", "pillow>=9", "lmdb>=1.0"],
+        "image": ["pillow>=9"],
         "plot": ["matplotlib>=3.5"],
         "lmdb": ["lmdb>=1.0"],
         "dev": ["grpcio-tools>=1.60"],

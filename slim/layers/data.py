@@ -11,15 +11,7 @@ from slim.layers._lazy import torch
 from slim.layers.base import Layer, register
 from slim.layers.fillers import fill
 
-__all__ = ["Input", "DummyData", "Data", "ImageData", "MemoryData", "SlimData", "DATASET_SHAPES"]
-
-# (channels, height, width) of each SlimData dataset's images.
-DATASET_SHAPES = {
-    pb.SlimDataParameter.DIGITS: (1, 8, 8),
-    pb.SlimDataParameter.CIFAR10: (3, 32, 32),
-    pb.SlimDataParameter.CIFAR100: (3, 32, 32),
-    pb.SlimDataParameter.SVHN: (3, 32, 32),
-}
+__all__ = ["Input", "DummyData", "Data", "ImageData", "MemoryData", "SlimData"]
 
 
 @register
@@ -42,6 +34,9 @@ class Input(Layer):
 
     def forward(self, blobs, bottoms):
         raise AssertionError("Input tops are fed by Net.forward")
+
+    def macs(self):
+        return 0  # the caller's tensors enter the net: no arithmetic
 
 
 @register
@@ -92,52 +87,40 @@ class DummyData(Layer):
                 tops.append(fill(filler, shape, self.generator, f"layer {self.name!r}").to(device))
         return tops
 
+    def macs(self):
+        return 0  # filling tops is data production, not a net operation (as for every data layer)
+
 
 class _SourceLayer(Layer):
-    """A layer backed by a slim.data BatchSource, attached by the Net (``attach``) before the first forward."""
+    """A layer backed by a slim.data BatchSource, attached by the Net (``attach``) before the first forward.
+
+    Top shapes come from ``slim.data.infer_top_shapes``, which reads a file only where the parameters do not fix
+    the shape (no torch needed).
+    """
 
     num_bottoms = (0, 0)
     num_tops = (1, 2)
     is_data = True
 
     def setup(self):
+        from slim.data import infer_top_shapes
         self.source = None
         self.device = None
-        shapes = self._shapes_from_params()
-        if shapes is None:
-            shapes = [tuple(s) for s in self.open().top_shapes]
-        self.top_shapes = shapes[:len(self.param.top)]
-
-    def _shapes_from_params(self):
-        """(N, C, H, W) and (N,) when the parameters determine them, else None."""
-        return None
-
-    def open(self, rank: int = 0, world_size: int = 1, seed=None):
-        """Open (once) and return this layer's BatchSource."""
-        if self.source is None:
-            from slim.data import open_source
-            self.source = open_source(self.param, phase=self.phase, rank=rank, world_size=world_size, seed=seed)
-        return self.source
+        self.top_shapes = [tuple(s) for s in infer_top_shapes(self.param)][:len(self.param.top)]
 
     def attach(self, rank: int, world_size: int, seed, device):
         """Open the source for one process of a (possibly distributed) run and check its shapes."""
-        self.source = None
-        src = self.open(rank, world_size, seed)
-        if [tuple(s) for s in src.top_shapes[:len(self.top_shapes)]] != self.top_shapes:
-            raise self.error(f"the data source yields shapes {src.top_shapes}, the net was built for "
+        from slim.data import open_source
+        self.source = open_source(self.param, phase=self.phase, rank=rank, world_size=world_size, seed=seed)
+        if [tuple(s) for s in self.source.top_shapes[:len(self.top_shapes)]] != self.top_shapes:
+            raise self.error(f"the data source yields shapes {self.source.top_shapes}, the net was built for "
                              f"{self.top_shapes}; check crop_size, new_height/new_width and is_color")
         self.device = device
 
     def forward(self, blobs, bottoms):
         if self.source is None:
             raise self.error("no data source is attached; build the net with slim.Net, which opens it")
-        return self.source.next_batch(self.device)[:len(self.param.top)]
-
-
-def _image_shape(batch, channels, height, width, crop):
-    if crop:
-        height = width = crop
-    return [(batch, channels, height, width), (batch,)]
+        return self.source.next_batch(self.device or "cpu")[:len(self.param.top)]
 
 
 @register
@@ -146,31 +129,12 @@ class SlimData(_SourceLayer):
 
     type = "SlimData"
 
-    def _shapes_from_params(self):
-        sp = self.param.slim_data_param
-        if sp.batch_size <= 0:
-            raise ValueError("slim_data_param.batch_size must be positive")
-        crop = self.param.transform_param.crop_size
-        if sp.dataset in DATASET_SHAPES:
-            return _image_shape(sp.batch_size, *DATASET_SHAPES[sp.dataset], crop)
-        if crop or (sp.new_height and sp.new_width):
-            return _image_shape(sp.batch_size, 3, sp.new_height, sp.new_width, crop)
-        return None
-
 
 @register
 class Data(_SourceLayer):
     """Caffe's Data layer: Datum records from an LMDB (the optional lmdb package)."""
 
     type = "Data"
-
-    def _shapes_from_params(self):
-        dp, tp = self.param.data_param, self.param.transform_param
-        if dp.batch_size <= 0:
-            raise ValueError("data_param.batch_size must be positive")
-        if tp.crop_size:
-            return _image_shape(dp.batch_size, 1 if tp.force_gray else 3, 0, 0, tp.crop_size)
-        return None
 
 
 @register
@@ -179,24 +143,9 @@ class ImageData(_SourceLayer):
 
     type = "ImageData"
 
-    def _shapes_from_params(self):
-        ip, tp = self.param.image_data_param, self.param.transform_param
-        channels = 3 if ip.is_color else 1
-        if tp.crop_size:
-            return _image_shape(ip.batch_size, channels, 0, 0, tp.crop_size)
-        if ip.new_height and ip.new_width:
-            return _image_shape(ip.batch_size, channels, ip.new_height, ip.new_width, 0)
-        return None
-
 
 @register
 class MemoryData(_SourceLayer):
     """Caffe's MemoryData layer: batches of arrays handed over from Python (``net.set_input_arrays``)."""
 
     type = "MemoryData"
-
-    def _shapes_from_params(self):
-        mp = self.param.memory_data_param
-        if min(mp.batch_size, mp.channels, mp.height, mp.width) <= 0:
-            raise ValueError("memory_data_param needs positive batch_size, channels, height and width")
-        return _image_shape(mp.batch_size, mp.channels, mp.height, mp.width, self.param.transform_param.crop_size)
