@@ -104,9 +104,21 @@ class _SourceLayer(Layer):
 
     def setup(self):
         from slim.data import infer_top_shapes
+        from slim.errors import DataError
         self.source = None
         self.device = None
-        self.top_shapes = [tuple(s) for s in infer_top_shapes(self.param)][:len(self.param.top)]
+        try:
+            shapes = infer_top_shapes(self.param)
+        except DataError:
+            # The database is not here (e.g. calflop on a train_val net): when crop_size fixes the image size,
+            # assume colour images (grey with force_gray), as the net is then built for them; ``attach`` checks the
+            # real source before any training.
+            tp = self.param.transform_param
+            batch = self.param.data_param.batch_size if self.type == "Data" else 0
+            if not (self.type == "Data" and tp.crop_size and batch):
+                raise
+            shapes = [(batch, 1 if tp.force_gray else 3, tp.crop_size, tp.crop_size), (batch,)]
+        self.top_shapes = [tuple(s) for s in shapes][:len(self.param.top)]
 
     def attach(self, rank: int, world_size: int, seed, device):
         """Open the source for one process of a (possibly distributed) run and check its shapes."""
@@ -121,6 +133,9 @@ class _SourceLayer(Layer):
         if self.source is None:
             raise self.error("no data source is attached; build the net with slim.Net, which opens it")
         return self.source.next_batch(self.device or "cpu")[:len(self.param.top)]
+
+    def macs(self):
+        return 0  # reading and transforming data happens outside the net's arithmetic
 
 
 @register
