@@ -43,6 +43,9 @@ def main(argv=None) -> int:
     except SlimError as e:
         print(f"slim {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"slim {args.command}: interrupted", file=sys.stderr)
         return 130
