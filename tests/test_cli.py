@@ -1,0 +1,45 @@
+"""The slim command: dispatch, clear errors with exit status 2, and the small subcommands."""
+
+from pathlib import Path
+
+import pytest
+
+from slim.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "nets" / "demo_digits.prototxt")
+DEMO_DEPLOY = str(ROOT / "nets" / "demo_digits_deploy.prototxt")
+
+
+def test_summary(capsys):
+    assert main(["summary", DEMO_DEPLOY]) == 0
+    out = capsys.readouterr().out
+    assert "conv1_1" in out and "1x32x8x8" in out and "learnable params: 140,458" in out
+
+
+def test_missing_file_is_one_clear_error(capsys):
+    assert main(["summary", "no/such/net.prototxt"]) == 2
+    err = capsys.readouterr().err
+    assert "no/such/net.prototxt" in err and "Traceback" not in err
+
+
+def test_deploy_matches_the_zoo_twin(tmp_path, capsys):
+    from slim.io import read_net
+    out = tmp_path / "d.prototxt"
+    assert main(["deploy", DEMO, "-o", str(out)]) == 0
+    assert read_net(out) == read_net(DEMO_DEPLOY)
+    assert main(["deploy", DEMO, "--input-shape", "nonsense"]) == 2
+    assert "TOP:C,H,W" in capsys.readouterr().err
+
+
+def test_zoo_check_and_list(capsys):
+    assert main(["zoo", "--check", "--out", str(ROOT / "nets")]) == 0
+    assert main(["zoo", "--list"]) == 0
+    assert "vgg19_cifar10" in capsys.readouterr().out
+    assert main(["zoo", "nope"]) == 2
+
+
+def test_time_prints_caffe_style_totals(capsys):
+    assert main(["time", "--model", DEMO_DEPLOY, "--iterations", "2", "--phase", "TEST"]) == 0
+    out = capsys.readouterr().out
+    assert "conv1_1" in out and "Average Forward pass" in out and "Average Backward pass" in out
