@@ -4,7 +4,7 @@ import math
 
 from slim import proto as pb
 from slim.layers._lazy import F, torch
-from slim.layers.base import Layer, count, register
+from slim.layers.base import ChannelRole, Layer, count, register
 from slim.layers.fillers import constant_filler, fill
 
 __all__ = ["ReLU", "PReLU", "ELU", "Sigmoid", "TanH", "AbsVal", "BNLL", "Power", "Exp", "Log", "Swish", "Clip",
@@ -18,6 +18,12 @@ class _Elementwise(Layer):
 
     def check(self):
         """Validate the layer's own parameter (ValueError with the specifics)."""
+
+    def channel_role(self) -> ChannelRole:
+        # Channel c of the top is a function of channel c of the bottom alone. Whether a silenced (zero) channel
+        # stays zero decides whether removing it is exact downstream; ask the layer's own function: f(0) == 0?
+        zero = self.apply(torch.zeros((1, 1)), [torch.ones(s) for s in self.blob_shapes])
+        return ChannelRole("passthrough", pointwise=True, zero_preserving=bool((zero == 0).all()))
 
     def forward(self, blobs, bottoms):
         return [self.apply(bottoms[0], blobs)]
@@ -63,6 +69,11 @@ class PReLU(_Elementwise):
         if len(shape) < 2:
             raise ValueError(f"PReLU needs a bottom with a channel axis, found {shape}")
         self.blob_shapes = [()] if self.param.prelu_param.channel_shared else [(shape[1],)]
+
+    def channel_role(self) -> ChannelRole:
+        # The slopes follow their channels (left untouched by masking: PReLU maps 0 to 0 whatever the slope).
+        blobs = () if self.param.prelu_param.channel_shared else ((0, 0),)
+        return ChannelRole("passthrough", channel_blobs=blobs, masked=(), pointwise=True)
 
     def init_blobs(self, generator):
         pp = self.param.prelu_param
@@ -191,3 +202,9 @@ class Dropout(_Elementwise):
         if self.phase != pb.TRAIN or self.param.dropout_param.dropout_ratio == 0:
             return x
         return F.dropout(x, self.param.dropout_param.dropout_ratio, True)
+
+    def macs(self):
+        # TEST (or ratio 0) is the identity: no arithmetic. TRAIN multiplies each element by its scaled mask.
+        if self.phase != pb.TRAIN or self.param.dropout_param.dropout_ratio == 0:
+            return 0
+        return count(self.bottom_shapes[0])

@@ -13,12 +13,13 @@ executes code named in a file.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from slim.errors import NetError
 
-__all__ = ["Shape", "Layer", "register", "layer_class", "registered_types", "count", "canonical_axis"]
+__all__ = ["Shape", "Layer", "ChannelRole", "register", "layer_class", "registered_types", "count", "canonical_axis"]
 
 Shape = Tuple[int, ...]
 
@@ -68,6 +69,59 @@ def canonical_axis(axis: int, ndim: int, what: str) -> int:
     if not -ndim <= axis < ndim:
         raise ValueError(f"{what} axis {axis} is out of range for a {ndim}-D blob")
     return axis + ndim if axis < 0 else axis
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelRole:
+    """How a layer treats the channels (axis 1) of its bottoms and tops: what the channel pruner (slim.prune) reads.
+
+    Kinds:
+        "produces": the tops carry new channels (Convolution, Deconvolution, InnerProduct over C x H x W); bottom
+            channels index ``input_blobs`` (respecting ``group``).
+        "passthrough": channel c of every top is channel c of bottom 0 (BatchNorm, Scale, activations, Pooling,
+            Split, ...); any other bottom is read for its shape only.
+        "ties": all bottoms and tops share channel indices (Eltwise; Concat off the channel axis).
+        "concat": the top holds the bottoms' channels one after the other, at offsets (Concat on axis 1).
+        "slice": each top holds a contiguous range of the bottom's channels (Slice on axis 1).
+        "flatten": channel c of bottom 0 becomes top channels c*repeat ... c*repeat+repeat-1 (Flatten, or a Reshape
+            merging the channel axis with the axes after it).
+        "sink": reads its bottoms without constraining their channels (Silence).
+        "barrier": mixes channels irreversibly (Softmax, losses, LRN across channels, a Reshape across the channel
+            axis) or creates the net's data: none of its bottom or top channels may be removed.
+
+    Attributes:
+        kind: one of the kinds above.
+        channel_blobs: (blob index, axis) of each of the layer's blobs indexed by its top channels; for "produces"
+            an axis of size C_out / group is indexed within one group.
+        input_blobs: "produces": (blob index, axis) of each blob indexed by bottom channels (C_in, C_in / group, or
+            C_in x H x W columns of an InnerProduct).
+        masked: blob indices zeroed to silence a channel (the pruner's "masked original"); None means all of
+            ``channel_blobs``.
+        factor: index of the blob holding network slimming's channel scaling factor (Scale's gamma), or None.
+        group: "produces": the convolution group.
+        repeat: "flatten": top channels per bottom channel.
+        pointwise: a top element depends only on the bottom elements at the same position (activations, BatchNorm
+            with global statistics, per-channel Scale and Bias, Eltwise), so ``forward`` may run on one value per
+            channel.
+        zero_preserving: a channel that is zero (with its ``masked`` blobs zeroed) comes out zero; False for
+            Sigmoid (f(0) = 0.5), Exp, a Power with a shift, ...
+        keeps_constants: a channel that is one constant everywhere comes out as that constant (MAX pooling, AVE
+            pooling without padding; not AVE with padding, whose border averages count the zero padding).
+        absorbs_constants: "produces": a constant input channel adds a constant to each output channel, which can be
+            folded into a bias (a Convolution without padding, InnerProduct).
+    """
+
+    kind: str = "barrier"
+    channel_blobs: Tuple[Tuple[int, int], ...] = ()
+    input_blobs: Tuple[Tuple[int, int], ...] = ()
+    masked: Optional[Tuple[int, ...]] = None
+    factor: Optional[int] = None
+    group: int = 1
+    repeat: int = 1
+    pointwise: bool = False
+    zero_preserving: bool = True
+    keeps_constants: bool = True
+    absorbs_constants: bool = False
 
 
 class Layer:
@@ -136,6 +190,11 @@ class Layer:
     def forward(self, blobs: list, bottoms: list) -> list:
         """Compute the tops from the bottoms (tensors) and the layer's blobs (tensors, Caffe order)."""
         raise NotImplementedError
+
+    # ----- channels (slim.prune) ----------------------------------------------------------------------------
+    def channel_role(self) -> ChannelRole:
+        """How the layer treats channels, for the pruner; the default, a barrier, is always safe."""
+        return ChannelRole("barrier")
 
     # ----- cost ---------------------------------------------------------------------------------------------
     def macs(self) -> Optional[int]:

@@ -10,7 +10,7 @@ from typing import List, Tuple
 
 from slim import proto as pb
 from slim.layers._lazy import F
-from slim.layers.base import Layer, count, register
+from slim.layers.base import ChannelRole, Layer, count, register
 from slim.layers.fillers import fill
 
 __all__ = ["Convolution", "Deconvolution", "conv_geometry"]
@@ -94,6 +94,15 @@ class _ConvBase(Layer):
         self.blob_shapes = [self._weight_shape()]
         if cp.bias_term:
             self.blob_shapes.append((cout,))
+
+    def channel_role(self) -> ChannelRole:
+        # Weight (C_out, C_in/group, *k) for Convolution, (C_in, C_out/group, *k) for Deconvolution; bias (C_out,).
+        out_axis, in_axis = (1, 0) if self.type == "Deconvolution" else (0, 1)
+        outputs = ((0, out_axis),) + (((1, 0),) if len(self.blob_shapes) > 1 else ())
+        # Without padding every output sees the whole kernel, so a constant input channel adds a constant.
+        unpadded = self.type == "Convolution" and not any(self.pad) and len(self.param.bottom) == 1
+        return ChannelRole("produces", channel_blobs=outputs, input_blobs=((0, in_axis),), group=self.group,
+                           absorbs_constants=unpadded)
 
     def init_blobs(self, generator):
         cp = self.param.convolution_param

@@ -1,7 +1,7 @@
 """InnerProduct: a fully connected layer over all axes from ``axis`` on (Caffe flattens them implicitly, C-order)."""
 
 from slim.layers._lazy import F
-from slim.layers.base import Layer, canonical_axis, count, register
+from slim.layers.base import ChannelRole, Layer, canonical_axis, count, register
 from slim.layers.fillers import fill
 
 __all__ = ["InnerProduct"]
@@ -26,6 +26,16 @@ class InnerProduct(Layer):
         self.blob_shapes = [(self.k, self.n) if ip.transpose else (self.n, self.k)]
         if ip.bias_term:
             self.blob_shapes.append((self.n,))
+
+    def channel_role(self) -> ChannelRole:
+        ip = self.param.inner_product_param
+        if self.axis == 1:  # columns are the bottom's C x H x W, flattened in C order
+            out_axis, in_axis = (1, 0) if ip.transpose else (0, 1)
+            outputs = ((0, out_axis),) + (((1, 0),) if ip.bias_term else ())
+            return ChannelRole("produces", channel_blobs=outputs, input_blobs=((0, in_axis),), absorbs_constants=True)
+        if self.axis >= 2:  # applied to each channel separately: the channels pass through
+            return ChannelRole("passthrough", zero_preserving=not ip.bias_term, keeps_constants=False)
+        return ChannelRole("barrier")
 
     def init_blobs(self, generator):
         ip = self.param.inner_product_param

@@ -99,6 +99,10 @@ class SoftmaxWithLoss(_ClassifierLoss):
             tops.append(torch.softmax(bottoms[0], self.axis))
         return tops
 
+    def macs(self):
+        # Softmax's 3 per score (exp, sum, divide) plus one log-and-accumulate per prediction.
+        return count(self.bottom_shapes[0]) * 3 + self.outer * self.inner
+
     def _check_labels(self, labels, classes):
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
             from slim.errors import NetError
@@ -145,6 +149,9 @@ class Accuracy(_ClassifierLoss):
                     per_class_n)))
         return tops
 
+    def macs(self):
+        return count(self.bottom_shapes[0])  # one comparison per score against the true class's score
+
 
 @register
 class EuclideanLoss(Layer):
@@ -164,6 +171,9 @@ class EuclideanLoss(Layer):
         a, b = bottoms
         d = a - b.reshape(a.shape)
         return [(d * d).sum() / (2.0 * a.shape[0])]
+
+    def macs(self):
+        return count(self.bottom_shapes[0]) * 2  # a subtraction and a square-accumulate per element
 
 
 @register
@@ -193,3 +203,7 @@ class SigmoidCrossEntropyLoss(Layer):
             valid = x.numel()
         outer = x.shape[0] if x.dim() else 1
         return [per.sum() / _normalizer(lp, pb.LossParameter.BATCH_SIZE, outer, x.numel() // max(outer, 1), valid)]
+
+    def macs(self):
+        # The stable form max(x, 0) - x t + log(1 + exp(-|x|)): about 4 operations per element.
+        return count(self.bottom_shapes[0]) * 4

@@ -2,7 +2,7 @@
 
 from slim import proto as pb
 from slim.layers._lazy import F, torch
-from slim.layers.base import Layer, canonical_axis, count, register
+from slim.layers.base import ChannelRole, Layer, canonical_axis, count, register
 from slim.layers.fillers import constant_filler, fill
 
 __all__ = ["BatchNorm", "Scale", "Bias", "LRN"]
@@ -43,6 +43,14 @@ class BatchNorm(Layer):
         factor = torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
         return blobs[0] * factor, blobs[1] * factor
 
+    def channel_role(self) -> ChannelRole:
+        if len(self.bottom_shapes[0]) < 2:
+            return ChannelRole("barrier")
+        # A zero input stays zero once the channel's running mean is zeroed; with batch statistics (TRAIN) the
+        # output depends on the whole batch, so it is not evaluated one value per channel.
+        return ChannelRole("passthrough", channel_blobs=((0, 0), (1, 0)), masked=(0,),
+                           pointwise=self.use_global_stats)
+
     def forward(self, blobs, bottoms, weight=None, bias=None):
         """Normalise; ``weight``/``bias`` fuse a following Scale layer into the same op."""
         x = bottoms[0]
@@ -51,16 +59,25 @@ class BatchNorm(Layer):
         if self.use_global_stats:
             mean, var = self.global_stats(blobs)
             y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
+        elif x.numel() // self.channels <= 1:
+            # One value per channel: torch's batch_norm refuses it; Caffe normalises it to 0 (the mean is the value,
+            # the variance 0, and its correction factor m/(m-1) is replaced by 1), with zero gradient to x.
+            view = (1, self.channels) + (1,) * (x.dim() - 2)
+            y = (x - x.reshape(view)) / (self.eps ** 0.5)
+            if weight is not None:
+                y = y * weight.reshape(view)
+            if bias is not None:
+                y = y + bias.reshape(view)
+            mean_b = x.detach().reshape(self.channels).to(torch.float32)
+            var_b = torch.zeros_like(mean_b)
         else:
             # With momentum 1, batch_norm writes the batch mean and the UNBIASED batch variance into the given
             # buffers while normalising with the biased one, which is exactly what Caffe's update needs.
             mean_b = torch.zeros(self.channels, device=x.device, dtype=torch.float32)
             var_b = torch.ones(self.channels, device=x.device, dtype=torch.float32)
             y = F.batch_norm(x, mean_b, var_b, weight, bias, True, 1.0, self.eps)
+        if not self.use_global_stats:
             with torch.no_grad():
-                m = x.numel() // self.channels
-                if m <= 1:
-                    var_b = torch.zeros_like(var_b)  # Caffe's correction factor is 1 for m == 1: variance 0
                 blobs[2].mul_(self.maf).add_(1.0)
                 blobs[0].mul_(self.maf).add_(mean_b)
                 blobs[1].mul_(self.maf).add_(var_b)
@@ -90,6 +107,17 @@ class _AffineBase(Layer):
         if end > len(shape):
             raise ValueError(f"axis {axis} + num_axes {num_axes_field} exceeds the {len(shape)} bottom axes")
         return axis, tuple(shape[axis:end])
+
+    def _affine_role(self, beta: bool, factor) -> ChannelRole:
+        """Scale's and Bias's role with one bottom: the parameter spans shape[axis:axis+k]."""
+        k = len(self.pshape)
+        if self.axis == 1 and k >= 1:  # per channel (k == 1) or per channel and position (C, H, W)
+            blobs = tuple((i, 0) for i in range(len(self.blob_shapes)))
+            return ChannelRole("passthrough", channel_blobs=blobs, factor=factor, pointwise=k == 1,
+                               keeps_constants=k == 1)
+        if k == 0 or self.axis >= 2:  # one value for all channels (or per position): channels pass through
+            return ChannelRole("passthrough", pointwise=k == 0, zero_preserving=not beta, keeps_constants=k == 0)
+        return ChannelRole("barrier")  # a parameter over the batch axis
 
     def _broadcast(self, t, ndim):
         """View a parameter of shape shape[axis:axis+k] so it broadcasts against an ndim-D bottom."""
@@ -124,6 +152,16 @@ class Scale(_AffineBase):
             blobs.append(fill(sp.bias_filler, self.pshape, generator, where))
         return blobs
 
+    def channel_role(self) -> ChannelRole:
+        if len(self.bottom_shapes) == 2:
+            # Scale(x, y) with y aligned from axis 0, e.g. squeeze-and-excitation's N x C x 1 x 1 weights: x and y
+            # share channels.
+            if self.axis == 0 and len(self.pshape) >= 2 and not self.blob_shapes:
+                return ChannelRole("ties", pointwise=True)
+            return ChannelRole("barrier")
+        # gamma is network slimming's channel scaling factor; zeroing gamma and beta silences the channel.
+        return self._affine_role(self.param.scale_param.bias_term, factor=0)
+
     def forward(self, blobs, bottoms):
         x = bottoms[0]
         if len(bottoms) == 2:
@@ -156,6 +194,13 @@ class Bias(_AffineBase):
             return []
         return [fill(self.param.bias_param.filler, self.pshape, generator, f"layer {self.name!r}")]
 
+    def channel_role(self) -> ChannelRole:
+        if len(self.bottom_shapes) == 2:
+            if self.axis == 0 and len(self.pshape) >= 2:
+                return ChannelRole("ties", pointwise=True)
+            return ChannelRole("barrier")
+        return self._affine_role(True, factor=None)
+
     def forward(self, blobs, bottoms):
         beta = bottoms[1] if len(bottoms) == 2 else blobs[0]
         return [bottoms[0] + self._broadcast(beta, bottoms[0].dim())]
@@ -183,6 +228,12 @@ class LRN(Layer):
         if len(shape) != 4:
             raise ValueError(f"LRN needs a 4-D bottom, found {shape}")
         self.top_shapes = [shape]
+
+    def channel_role(self) -> ChannelRole:
+        if self.param.lrn_param.norm_region == pb.LRNParameter.ACROSS_CHANNELS:
+            return ChannelRole("barrier")  # each output mixes neighbouring channels
+        # WITHIN_CHANNEL averages x^2 over a zero-padded window: 0 stays 0, a constant does not stay constant.
+        return ChannelRole("passthrough", keeps_constants=False)
 
     def forward(self, blobs, bottoms):
         lp = self.param.lrn_param

@@ -1,7 +1,8 @@
 """Pooling with Caffe's exact output sizes and averaging divisors.
 
 Output size: ceil((in + 2p - k) / s) + 1 by default (round_mode CEIL; FLOOR uses floor); then, only when pad > 0,
-the last window must start inside the image or the left padding: if (out - 1) * s >= in + p, out -= 1.
+the last window must start inside the image or the left padding: if (out - 1) * s >= in + p, out -= 1 (on both
+axes as soon as either pad is non-zero).
 torch applies that clip even without padding, so where the two disagree (e.g. in 6, k 1, s 2: Caffe 4, torch 3),
 or where pad > k/2 (torch refuses it), the layer pads explicitly instead of using torch's implicit padding.
 MAX ignores padding (Caffe's windows are clipped to the image; a window entirely outside gives -FLT_MAX). AVE
@@ -10,21 +11,26 @@ divides by the window size clipped to the padded extent, so padding counts as ze
 
 import functools
 import math
+from typing import Optional
 
 from slim import proto as pb
 from slim.layers._lazy import F, torch
-from slim.layers.base import Layer, count, register
+from slim.layers.base import ChannelRole, Layer, count, register
 
 __all__ = ["Pooling", "pooled_size"]
 
 FLT_MAX = 3.4028234663852886e38
 
 
-def pooled_size(size: int, k: int, s: int, p: int, ceil: bool) -> int:
-    """Caffe's pooled output length along one axis."""
+def pooled_size(size: int, k: int, s: int, p: int, ceil: bool, padded: Optional[bool] = None) -> int:
+    """Caffe's pooled output length along one axis.
+
+    ``padded`` says whether the layer has any padding (pad_h or pad_w): Caffe clips the last window on both axes
+    as soon as either pad is non-zero. None means "this axis is padded" (p > 0).
+    """
     span = size + 2 * p - k
     out = (-(-span // s) if ceil else span // s) + 1
-    if p > 0 and (out - 1) * s >= size + p:
+    if (p > 0 if padded is None else padded) and (out - 1) * s >= size + p:
         out -= 1
     return out
 
@@ -87,7 +93,8 @@ class Pooling(Layer):
         self.max = pp.pool == pb.PoolingParameter.MAX
         ceil = pp.round_mode == pb.PoolingParameter.CEIL
         self.ceil = ceil
-        out = tuple(pooled_size(n, k, s, p, ceil) for n, k, s, p in zip((h, w), kernel, stride, pad))
+        padded = any(pad)  # Caffe: `if (pad_h_ || pad_w_)` clips both axes
+        out = tuple(pooled_size(n, k, s, p, ceil, padded) for n, k, s, p in zip((h, w), kernel, stride, pad))
         if min(out) <= 0:
             raise ValueError(f"the kernel {kernel} is larger than the padded input {h + 2 * pad[0]}x{w + 2 * pad[1]} "
                              f"of bottom {self.param.bottom[0]!r}; reduce kernel_size or add pad")
@@ -100,6 +107,13 @@ class Pooling(Layer):
             if not self.native:
                 raise ValueError("the argmax top is not supported for this pad/kernel/stride combination")
         self.top_shapes = [(shape[0], shape[1]) + out] * len(self.param.top)
+
+    def channel_role(self) -> ChannelRole:
+        if len(self.param.top) == 2:
+            return ChannelRole("barrier")  # the argmax top holds positions, not values
+        # MAX ignores padding and AVE without padding divides by what it sums, so a constant plane stays constant;
+        # AVE with padding counts the zeros of the padding at the borders.
+        return ChannelRole("passthrough", keeps_constants=self.max or not any(self.pad))
 
     def forward(self, blobs, bottoms):
         x = bottoms[0]

@@ -2,7 +2,7 @@
 
 from slim import proto as pb
 from slim.layers._lazy import torch
-from slim.layers.base import Layer, canonical_axis, count, register
+from slim.layers.base import ChannelRole, Layer, canonical_axis, count, register
 
 __all__ = ["Eltwise", "Concat", "Slice", "Split", "Flatten", "Reshape", "Crop", "Silence"]
 
@@ -21,12 +21,16 @@ class Eltwise(Layer):
             if s != shape:
                 raise ValueError(f"bottom {i} ({self.param.bottom[i]!r}) has shape {s}, bottom 0 "
                                  f"({self.param.bottom[0]!r}) has {shape}; Eltwise needs identical shapes")
-        if ep.coeff and ep.operation != pb.EltwiseParameter.SUM:
-            raise ValueError("coeff is only allowed for operation SUM")
+        # Caffe checks the coeff count for every operation, then refuses coeff for PROD only (MAX ignores it).
         if ep.coeff and len(ep.coeff) != len(self.bottom_shapes):
             raise ValueError(f"coeff has {len(ep.coeff)} values for {len(self.bottom_shapes)} bottoms; give one per "
                              f"bottom")
+        if ep.coeff and ep.operation == pb.EltwiseParameter.PROD:
+            raise ValueError("coeff is only allowed for operation SUM (MAX ignores it); remove it from this PROD layer")
         self.top_shapes = [shape]
+
+    def channel_role(self) -> ChannelRole:
+        return ChannelRole("ties", pointwise=True)  # SUM, PROD and MAX all map zeros to zero
 
     def forward(self, blobs, bottoms):
         ep = self.param.eltwise_param
@@ -67,8 +71,17 @@ class Concat(Layer):
             total += s[self.axis]
         self.top_shapes = [shape[:self.axis] + (total,) + shape[self.axis + 1:]]
 
+    def channel_role(self) -> ChannelRole:
+        if self.axis == 1:
+            return ChannelRole("concat")
+        # Joined along another axis, the bottoms' channels line up: they share indices.
+        return ChannelRole("ties", keeps_constants=False)
+
     def forward(self, blobs, bottoms):
         return [bottoms[0] if len(bottoms) == 1 else torch.cat(bottoms, self.axis)]
+
+    def macs(self):
+        return 0  # copies bottoms side by side: data movement, no arithmetic
 
 
 @register
@@ -101,8 +114,14 @@ class Slice(Layer):
         self.sizes = sizes
         self.top_shapes = [shape[:self.axis] + (s,) + shape[self.axis + 1:] for s in sizes]
 
+    def channel_role(self) -> ChannelRole:
+        return ChannelRole("slice") if self.axis == 1 else ChannelRole("passthrough")
+
     def forward(self, blobs, bottoms):
         return list(torch.split(bottoms[0], self.sizes, self.axis))
+
+    def macs(self):
+        return 0  # copies parts of the bottom: data movement, no arithmetic
 
 
 @register
@@ -115,8 +134,14 @@ class Split(Layer):
     def setup(self):
         self.top_shapes = [self.bottom_shapes[0]] * len(self.param.top)
 
+    def channel_role(self) -> ChannelRole:
+        return ChannelRole("passthrough")
+
     def forward(self, blobs, bottoms):
         return [bottoms[0]] * len(self.param.top)
+
+    def macs(self):
+        return 0  # Caffe's Split shares the bottom's data with every top: no arithmetic
 
 
 @register
@@ -136,8 +161,16 @@ class Flatten(Layer):
         self.start, self.end = start, end
         self.top_shapes = [shape[:start] + (count(shape, start, end + 1),) + shape[end + 1:]]
 
+    def channel_role(self) -> ChannelRole:
+        if self.start == 1:  # C-order: channel c becomes the run of count(shape[2:end+1]) values at c * that
+            return ChannelRole("flatten", repeat=count(self.bottom_shapes[0], 2, self.end + 1))
+        return ChannelRole("passthrough") if self.start >= 2 else ChannelRole("barrier")
+
     def forward(self, blobs, bottoms):
         return [torch.flatten(bottoms[0], self.start, self.end)]
+
+    def macs(self):
+        return 0  # Caffe shares the bottom's data under a new shape: no arithmetic
 
 
 @register
@@ -183,10 +216,33 @@ class Reshape(Layer):
                              f"{count(shape)}")
         self.top_shapes = [tuple(out)]
 
+    def channel_role(self) -> ChannelRole:
+        bottom, top = self.bottom_shapes[0], self.top_shapes[0]
+        if len(bottom) < 2 or len(top) < 2 or top[0] != bottom[0]:
+            return ChannelRole("barrier")
+        rp = self.param.reshape_param
+        start = rp.axis + len(bottom) + 1 if rp.axis < 0 else rp.axis
+        dims = list(rp.shape.dim)
+        if start <= 1 < start + len(dims):
+            if dims[1 - start] not in (0, -1):
+                return ChannelRole("barrier")  # a written channel count would be wrong once channels are removed
+        elif start < 2:
+            return ChannelRole("barrier")
+        inner_bottom, inner_top = count(bottom, 2), count(top, 2)
+        if top[1] == bottom[1]:
+            return ChannelRole("passthrough")
+        # Merging the channel axis with the axes after it (C-order): each bottom channel becomes a run of top ones.
+        if inner_top and inner_bottom % inner_top == 0 and top[1] == bottom[1] * (inner_bottom // inner_top):
+            return ChannelRole("flatten", repeat=inner_bottom // inner_top)
+        return ChannelRole("barrier")
+
     def forward(self, blobs, bottoms):
         x = bottoms[0]
         return [x.reshape((x.shape[0],) + self.top_shapes[0][1:] if self.top_shapes[0][:1] == self.bottom_shapes[0][:1]
                           else self.top_shapes[0])]
+
+    def macs(self):
+        return 0  # Caffe shares the bottom's data under a new shape: no arithmetic
 
 
 @register
@@ -215,10 +271,17 @@ class Crop(Layer):
         self.axis, self.offsets = axis, offsets
         self.top_shapes = [a[:axis] + b[axis:]]
 
+    def channel_role(self) -> ChannelRole:
+        # Cropping spatial axes keeps bottom 0's channels; bottom 1 only lends its spatial shape.
+        return ChannelRole("passthrough") if self.axis >= 2 else ChannelRole("barrier")
+
     def forward(self, blobs, bottoms):
         x = bottoms[0]
         index = [slice(None)] * self.axis + [slice(o, o + s) for o, s in zip(self.offsets, self.top_shapes[0][self.axis:])]
         return [x[tuple(index)]]
+
+    def macs(self):
+        return 0  # copies a window of the bottom: data movement, no arithmetic
 
 
 @register
@@ -232,5 +295,11 @@ class Silence(Layer):
     def setup(self):
         self.top_shapes = []
 
+    def channel_role(self) -> ChannelRole:
+        return ChannelRole("sink")
+
     def forward(self, blobs, bottoms):
         return []
+
+    def macs(self):
+        return 0  # consumes its bottoms and computes nothing
