@@ -331,6 +331,10 @@ def _loss_weights(lp, cls, source: str) -> List[float]:
             raise NetError(f"{source}: layer {lp.name!r} gives {len(lp.loss_weight)} loss_weight values for {n} tops; "
                            f"give none or exactly one per top.")
         return list(lp.loss_weight)
+    if cls.is_loss and n > 1:
+        # Caffe's LossLayer adds a single default weight, which then fails the one-per-top check.
+        raise NetError(f"{source}: loss layer {lp.name!r} has {n} tops but no loss_weight; Caffe needs one weight per "
+                       f"top here, e.g. loss_weight: 1 loss_weight: 0.")
     return [1.0 if (cls.is_loss and j == 0) else 0.0 for j in range(n)]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -106,6 +107,7 @@ class Net(nn.Module):
         self._keys: Dict[str, str] = {}
         taken: set = set()
         created: Dict[str, List[nn.Parameter]] = {}
+        self._views: Dict[str, List[tuple]] = {}
         for node in graph.layers:
             fresh = node.layer.init_blobs(generator)
             assert len(fresh) == len(node.blob_shapes), node
@@ -114,6 +116,9 @@ class Net(nn.Module):
                 spec = node.blob_specs[i]
                 if spec.owner is not None:
                     tensors.append(created[spec.owner[0]][spec.owner[1]])
+                    if tuple(tensors[-1].shape) != tuple(node.blob_shapes[i]):
+                        # PERMISSIVE sharing: Caffe's sharer keeps its own shape over the owner's data.
+                        self._views[node.name] = [tuple(s) for s in node.blob_shapes]
                 else:
                     trainable = node.layer.forced_lr_mult(i) != 0.0
                     tensors.append(nn.Parameter(t.to(torch.float32).contiguous(), requires_grad=trainable))
@@ -136,8 +141,16 @@ class Net(nn.Module):
     @property
     def params(self) -> "OrderedDict[str, List[nn.Parameter]]":
         """Layer name -> its blobs as tensors (Caffe's order), for every layer that has blobs."""
-        return OrderedDict((n.name, self.blobs[self._keys[n.name]].list()) for n in self.graph.layers
+        return OrderedDict((n.name, self._layer_blobs(n.name)) for n in self.graph.layers
                            if n.name in self._keys)
+
+    def _layer_blobs(self, name: str) -> List[torch.Tensor]:
+        """A layer's blobs in Caffe's order; a PERMISSIVE sharer sees the owner's data in its own shape."""
+        tensors = self.blobs[self._keys[name]].list()
+        shapes = self._views.get(name)
+        if shapes is None:
+            return tensors
+        return [t if tuple(t.shape) == s else t.view(s) for t, s in zip(tensors, shapes)]
 
     @property
     def learnable_params(self) -> List[LearnableParam]:
@@ -219,7 +232,7 @@ class Net(nn.Module):
         values: Dict[str, torch.Tensor] = {}
         loss = None
         device = self._device_probe.device
-        params = {name: self.blobs[key].list() for name, key in self._keys.items()}
+        params = {name: self._layer_blobs(name) for name in self._keys}
         for node, fused in self._plan:
             layer = node.layer
             if node.type == "Input":
@@ -279,7 +292,7 @@ class Net(nn.Module):
     def share_from(self, other: "Net") -> None:
         """Use ``other``'s blobs for every layer of the same name (Caffe's ShareTrainedLayersWith): test nets see
         the train net's weights and BatchNorm statistics without copies."""
-        theirs = other.params
+        theirs = {name: other.blobs[key].list() for name, key in other._keys.items()}
         for node in self.graph.layers:
             if node.name not in self._keys or node.name not in theirs:
                 continue
@@ -323,7 +336,12 @@ class Net(nn.Module):
                             f"{source}: layer {entry.name!r} blob {i} has shape {tuple(arr.shape)}, the net expects "
                             f"{tuple(t.shape)}. Rename the layer in the prototxt to train it from scratch, or use "
                             f"weights made for this net.")
-                    t.copy_(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(t.shape))
+                    src = np.ascontiguousarray(arr, dtype=np.float32)
+                    with warnings.catch_warnings():
+                        # The reader's arrays are read-only views of the mapped file; torch warns on wrapping one,
+                        # although it is only read here (copying it first would double the memory of big blobs).
+                        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                        t.copy_(torch.from_numpy(src).reshape(t.shape))
                 loaded.append(entry.name)
         return loaded
 
