@@ -1,0 +1,26 @@
+"""The solver: Caffe's learning-rate policies and update rules, and network slimming's sparsity penalty.
+
+One update, as the training loop drives it::
+
+    schedule = LrSchedule(solver, "solver.prototxt")                     # lr_policy and its fields, checked
+    rule = create_rule(solver, net.learnable_params, "solver.prototxt")  # solver.type: SGD, Adam, ...
+    penalty = create_sparsity(solver, net.learnable_params, net.scaling_factors(), "solver.prototxt")
+    ...                                                                  # iter_size forward/backward passes
+    rule.apply_update(schedule.rate(it), it, gradient_hooks=[penalty])
+    it += 1
+
+Snapshots save ``schedule.current_step`` and ``rule.history`` (SolverState.current_step, .history) and put
+them back with ``schedule.current_step = state.current_step`` and ``rule.load_history(blobs)``.
+"""
+
+from slim.solver.lr import LR_POLICIES, LrSchedule
+from slim.solver.rules import (RULES, AdaDelta, AdaGrad, Adam, LearnableParamLike, Nesterov, RMSProp, SGD,
+                               UpdateRule, create_rule, register_rule)
+from slim.solver.sparsity import GammaStats, SparsityPenalty, create_sparsity, gamma_stats
+
+__all__ = [
+    "LR_POLICIES", "LrSchedule",
+    "RULES", "UpdateRule", "LearnableParamLike", "SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam",
+    "create_rule", "register_rule",
+    "SparsityPenalty", "create_sparsity", "GammaStats", "gamma_stats",
+]
