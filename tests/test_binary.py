@@ -479,7 +479,7 @@ def test_missing_empty_and_directory_paths(tmp_path):
 
 def test_write_errors(tmp_path):
     net = _net(("ip", "InnerProduct"))
-    with pytest.raises(WeightsError, match=r"\['conv9'\].*no layer of that name.*\['ip'\]"):
+    with pytest.raises(WeightsError, match=r"\['conv9'\].*no layer so named.*\['ip'\]"):
         write_caffemodel(tmp_path / "m.caffemodel", net, {"conv9": [np.ones(1)]})
     with pytest.raises(WeightsError, match="list of arrays, got a single array"):
         write_caffemodel(tmp_path / "m.caffemodel", net, {"ip": np.ones(3)})

@@ -565,9 +565,14 @@ def _key(number: int, wire: int = _LEN) -> bytes:
     return _varint(number << 3 | wire)
 
 
+def _is_tensor(value) -> bool:
+    """Whether ``value`` is a torch tensor, found without importing torch (this module must not need it)."""
+    return type(value).__module__.split(".")[0] == "torch"
+
+
 def _as_array(value, where: str, keep_double: bool) -> np.ndarray:
     """A blob value as a C-contiguous little-endian float32 array (float64 with ``keep_double``)."""
-    if type(value).__module__.split(".")[0] == "torch":  # a tensor: converted without importing torch here
+    if _is_tensor(value):
         value = value.detach().cpu()
         if str(value.dtype) not in ("torch.float32", "torch.float64"):
             value = value.float()  # bfloat16 and friends have no numpy dtype
@@ -644,7 +649,8 @@ def _write_file(path, parts: list, kind: str) -> None:
         _write_parts(f, parts)
 
 
-def write_caffemodel(path, net: pb.NetParameter, blobs: Mapping[str, Sequence[Any]], *, keep_double: bool = False) -> None:
+def write_caffemodel(path, net: pb.NetParameter, blobs: Mapping[str, Sequence[Any]], *,
+                     keep_double: bool = False) -> None:
     """Write ``net`` with ``blobs`` as a .caffemodel that Caffe, OpenCV and protobuf read.
 
     Each layer is serialised by protobuf without blobs, and the blob fields (``data`` packed float32, then
@@ -673,11 +679,11 @@ def write_caffemodel(path, net: pb.NetParameter, blobs: Mapping[str, Sequence[An
     unknown = [name for name in blobs if name not in names]
     if unknown:
         raise WeightsError(
-            f"Blobs for {unknown} cannot be written to {os.fspath(path)}: net '{net.name}' has no layer of that "
-            f"name (its layers: {sorted(names)[:20]}{' ...' if len(names) > 20 else ''}). Fix the names.")
+            f"Blobs for {unknown} cannot be written to {os.fspath(path)}: net '{net.name}' has no layer so named "
+            f"(its layers: {sorted(names)[:20]}{' ...' if len(names) > 20 else ''}). Fix the names in the blobs.")
     arrays: dict[str, list[np.ndarray]] = {}
     for name, values in blobs.items():
-        if isinstance(values, np.ndarray) or type(values).__module__.split(".")[0] == "torch":
+        if isinstance(values, np.ndarray) or _is_tensor(values):
             raise WeightsError(f"The blobs of layer '{name}' must be a list of arrays, got a single array; wrap it "
                                f"in a list ([weight] or [weight, bias]).")
         arrays[name] = [_as_array(v, f"Blob {i} of layer '{name}'", keep_double) for i, v in enumerate(values)]
@@ -752,7 +758,7 @@ def write_solverstate(path, state: pb.SolverState, history: Sequence[Any], *, ke
         history: the update-history blobs, one per learnable param in Caffe's order (two for AdaDelta/Adam).
         keep_double: store float64 arrays as ``double_data`` instead of float32 ``data``.
     """
-    if isinstance(history, np.ndarray) or type(history).__module__.split(".")[0] == "torch":
+    if isinstance(history, np.ndarray) or _is_tensor(history):
         raise WeightsError(f"The history for {os.fspath(path)} must be a list of arrays, got a single array.")
     arrays = [_as_array(v, f"History blob {i}", keep_double) for i, v in enumerate(history)]
     data = (_copy_without(state, "history") if len(state.history) else state).SerializeToString()
