@@ -1,0 +1,268 @@
+"""``prune_net``: a net and its weights in, the pruned net, its weights and a report out; and writing them.
+
+    from slim.prune import PrunePolicy, prune_net, write_pruned
+    result = prune_net("nets/vgg19_cifar10.prototxt", "snap_iter_160000.caffemodel", PrunePolicy(percent=0.7))
+    net, blobs, report = result                      # a pb.NetParameter, {layer: [arrays]}, a PruneReport
+    write_pruned(result, "pruned")                   # pruned.prototxt, pruned.caffemodel, pruned.json
+
+The pipeline: graph (TEST phase) -> channel groups -> scores -> plan -> rewritten NetParameter + transplanted blobs
+(+ constants of removed channels folded into biases where needed or asked) -> report. torch is used only through
+the layers' own element-wise functions: probing f(0) for their roles, and folding constants one value per channel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from slim import proto as pb
+from slim.errors import PruneError, WeightsError
+from slim.graph import NetGraph, build_graph
+from slim.io.atomic import atomic_write
+from slim.prune.constants import FoldResult, fold_constants
+from slim.prune.groups import ChannelAnalysis, analyze
+from slim.prune.importance import channel_scores
+from slim.prune.plan import PrunePlan, PrunePolicy, make_plan, plan_from_kept
+from slim.prune.report import LayerChange, PruneReport
+from slim.prune.rewrite import masked_blobs, rewrite_net, transplant
+
+__all__ = ["PruneResult", "prune_net", "write_pruned", "load_blobs", "conv_fc_macs", "output_paths"]
+
+if TYPE_CHECKING:
+    from slim.io import CaffeModel
+
+#: A .caffemodel path, a read CaffeModel, or layer name -> blobs (numpy arrays or tensors, Caffe's order).
+Weights = Union[str, Path, "CaffeModel", Mapping[str, Sequence[np.ndarray]]]
+
+
+@dataclasses.dataclass
+class PruneResult:
+    """The pruned net, its blobs and the report (unpacks as ``net, blobs, report``), with the plan and analysis.
+
+    Attributes:
+        net: the rewritten NetParameter (every phase, as the input).
+        blobs: layer name -> pruned blobs (numpy arrays, Caffe's order).
+        report: the PruneReport.
+        plan: the PrunePlan (channel id -> kept).
+        analysis: the original net's ChannelAnalysis.
+        source_blobs: the original blobs (read-only views into the weights file when it was a path).
+        absorb_bias: whether constants were folded against the gamma-only masked original.
+    """
+
+    net: "pb.NetParameter"
+    blobs: Dict[str, List[np.ndarray]]
+    report: PruneReport
+    plan: PrunePlan
+    analysis: ChannelAnalysis
+    source_blobs: Mapping[str, Sequence[np.ndarray]] = dataclasses.field(repr=False, default_factory=dict)
+    absorb_bias: bool = False
+
+    def __iter__(self) -> Iterator:
+        return iter((self.net, self.blobs, self.report))
+
+    def masked_original(self) -> Dict[str, List[np.ndarray]]:
+        """The original blobs with the removed channels silenced: what the pruned net reproduces exactly."""
+        return masked_blobs(self.analysis, self.plan.keep, self.source_blobs, gammas_only=self.absorb_bias)
+
+
+def load_blobs(graph: NetGraph, weights: Weights) -> Dict[str, List[np.ndarray]]:
+    """The blobs of every layer of ``graph`` that has some, checked against the shapes the net expects.
+
+    Args:
+        graph: the net.
+        weights: a .caffemodel path, a slim.io.CaffeModel, or a mapping layer name -> arrays.
+
+    Raises:
+        WeightsError: a layer is missing from the weights, or has another number of blobs or other shapes.
+    """
+    from slim.io import CaffeModel, read_caffemodel
+
+    if isinstance(weights, (str, Path)):
+        weights = read_caffemodel(weights)
+    if isinstance(weights, CaffeModel):
+        source = weights.path
+        entries = {name: (lb.blobs, lb.legacy_shape) for name, lb in weights.blobs_by_name().items()}
+    else:
+        source = "the weights"
+        entries = {name: (list(arrays), []) for name, arrays in weights.items()}
+    out: Dict[str, List[np.ndarray]] = {}
+    for node in graph.layers:
+        if not node.blob_shapes:
+            continue
+        found = entries.get(node.name)
+        if found is None or not found[0]:
+            raise WeightsError(f"{source} has no blobs for layer {node.name!r} ({node.type}) of {graph.source}; the "
+                               f"weights do not match the net. Prune with the .caffemodel trained from this prototxt.")
+        arrays, legacy = found
+        if len(arrays) != len(node.blob_shapes):
+            raise WeightsError(f"{source}: layer {node.name!r} has {len(arrays)} blobs, {graph.source} expects "
+                               f"{len(node.blob_shapes)} ({node.type}). The weights do not match the net.")
+        fixed = []
+        for i, (array, shape) in enumerate(zip(arrays, node.blob_shapes)):
+            array = np.asarray(array) if not hasattr(array, "detach") else array.detach().cpu().numpy()
+            shape = tuple(shape)
+            if tuple(array.shape) != shape:
+                squeeze = lambda s: tuple(d for d in s if d != 1)
+                if array.size == int(np.prod(shape)) and squeeze(array.shape) == squeeze(shape):
+                    array = array.reshape(shape)  # a legacy 4-D blob (1 x 1 x N x K) or a 0-axis scalar
+                else:
+                    raise WeightsError(f"{source}: layer {node.name!r} blob {i} has shape {tuple(array.shape)}, "
+                                       f"{graph.source} expects {shape}. The weights do not match the net (was the "
+                                       f"prototxt already pruned, or edited?).")
+            fixed.append(array)
+        out[node.name] = fixed
+    return out
+
+
+def conv_fc_macs(graph: NetGraph) -> float:
+    """Multiply-accumulates of the Convolution, Deconvolution and InnerProduct layers per image (calflop's
+    conv+FC figure: the batch totals of ``Layer.macs`` over the net's batch size)."""
+    total = 0
+    for node in graph.layers:
+        if node.layer.cost_kind in ("conv", "fc"):
+            total += node.layer.macs() or 0
+    return total / _batch(graph)
+
+
+def _batch(graph: NetGraph) -> int:
+    for node in graph.layers:
+        if not node.bottoms and node.top_shapes and node.top_shapes[0]:
+            return max(1, int(node.top_shapes[0][0]))
+    return 1
+
+
+def prune_net(net: Union[str, Path, "pb.NetParameter"], weights: Weights, policy: Optional[PrunePolicy] = None, *,
+              absorb_bias: bool = False, replay: Optional[PruneReport] = None, phase: str = "TEST",
+              source: Optional[str] = None, allow_unknown_fields: bool = False) -> PruneResult:
+    """Prune the channels of any net slim can build.
+
+    Args:
+        net: the prototxt path or NetParameter (every phase; the ``phase`` net is analysed, all are rewritten).
+        weights: a .caffemodel path, a slim.io.CaffeModel, or layer name -> arrays; checked against the net.
+        policy: what to remove (slim.prune.PrunePolicy); not needed with ``replay``.
+        absorb_bias: fold the constant each removed channel still contributes (gamma zeroed, beta on) into the next
+            layer's bias where that is exact.
+        replay: a PruneReport whose kept channels to apply instead of a policy (``--apply-report``).
+        phase: the NetState phase analysed.
+        source: the net's name in messages (defaults to the path).
+        allow_unknown_fields: read a prototxt path tolerantly.
+
+    Returns:
+        A PruneResult (``net, blobs, report = prune_net(...)``).
+
+    Raises:
+        PruneError: a bad policy, criterion, protected layer, or an impossible request; WeightsError: weights that
+            do not match the net.
+    """
+    from slim.io import CaffeModel, read_caffemodel, read_net
+
+    if isinstance(net, (str, Path)):
+        source = source or str(net)
+        net = read_net(net, allow_unknown_fields=allow_unknown_fields)
+    source = source or "<net>"
+    if policy is None and replay is None:
+        raise PruneError("prune_net needs a policy (what to remove) or a report to replay.")
+    if policy is not None and replay is None:
+        policy.check()
+    weights_name = str(weights) if isinstance(weights, (str, Path)) else getattr(weights, "path", "<blobs>")
+    if isinstance(weights, (str, Path)):
+        weights = read_caffemodel(weights)
+    graph = build_graph(net, phase, source=source)
+    analysis = analyze(graph, policy.protect if policy is not None else ())
+    blobs = load_blobs(graph, weights)
+
+    def macs_of(keep: np.ndarray) -> float:
+        return conv_fc_macs(build_graph(rewrite_net(net, analysis, keep), phase, source=source))
+
+    if replay is not None:
+        plan = plan_from_kept(analysis, replay.kept, {c.name: c.before for c in replay.layers}, "the report")
+        criterion = tie_rule = None
+        described: Dict[str, object] = {}
+    else:
+        scores = channel_scores(analysis, blobs, policy.criterion, policy.tie_rule)
+        plan = make_plan(analysis, scores, policy, macs_of)
+        criterion, tie_rule, described = policy.criterion, policy.tie_rule, policy.describe()
+
+    pruned_net = rewrite_net(net, analysis, plan.keep)
+    pruned = transplant(analysis, plan.keep, blobs)
+    fold = FoldResult()
+    if absorb_bias or analysis.constant_at:
+        reference = masked_blobs(analysis, plan.keep, blobs, gammas_only=absorb_bias)
+        fold = fold_constants(analysis, plan.keep, reference, pruned_net, pruned, everywhere=absorb_bias)
+    if isinstance(weights, CaffeModel):
+        _carry_other_phases(weights, graph, pruned_net, pruned)
+
+    new_graph = build_graph(pruned_net, phase, source=f"{source} (pruned)")
+    layers = []
+    for name, info in analysis.producers.items():
+        kept = np.nonzero(plan.keep[info.outputs])[0]
+        layers.append(LayerChange(name, graph.layers[info.index].type, len(info.outputs), len(kept),
+                                  [int(i) for i in kept]))
+    report = PruneReport(
+        net=net.name, model=source, weights=weights_name, criterion=criterion, tie_rule=tie_rule, policy=described,
+        prunable=plan.prunable, requested=plan.requested, removed=plan.removed,
+        channels_before=sum(c.before for c in layers), channels_after=sum(c.after for c in layers),
+        params_before=graph.param_count, params_after=new_graph.param_count,
+        macs_before=conv_fc_macs(graph), macs_after=conv_fc_macs(new_graph), folded=fold.folded,
+        dropped=fold.dropped, biased=fold.biased, layers=layers)
+    return PruneResult(pruned_net, pruned, report, plan, analysis, blobs, absorb_bias)
+
+
+def _carry_other_phases(model, graph: NetGraph, net: "pb.NetParameter", pruned: Dict[str, List[np.ndarray]]) -> None:
+    """Blobs of layers outside the analysed phase (a TRAIN-only layer) go through unchanged."""
+    in_graph = {n.name for n in graph.layers}
+    stored = model.blobs_by_name()
+    for layer in net.layer:
+        if layer.name not in in_graph and layer.name not in pruned and stored.get(layer.name) is not None \
+                and stored[layer.name].blobs:
+            pruned[layer.name] = list(stored[layer.name].blobs)
+
+
+def output_paths(output: Union[str, Path], report: Optional[Union[str, Path]] = None) -> Dict[str, Path]:
+    """OUT.prototxt, OUT.caffemodel and OUT.json (or ``report``) for ``--output OUT`` (a suffix of either kind of
+    file is dropped: ``--output pruned.prototxt`` means OUT = pruned)."""
+    out = Path(output)
+    if out.suffix in (".prototxt", ".caffemodel", ".json"):
+        out = out.with_suffix("")
+    return {"prototxt": out.with_name(out.name + ".prototxt"), "caffemodel": out.with_name(out.name + ".caffemodel"),
+            "report": Path(report) if report is not None else out.with_name(out.name + ".json")}
+
+
+def write_pruned(result: PruneResult, output: Union[str, Path], report: Optional[Union[str, Path]] = None) \
+        -> Dict[str, Path]:
+    """Write OUT.prototxt, OUT.caffemodel and the JSON report, all or nothing.
+
+    Each file is first written whole under a temporary name beside its destination; only when all three are
+    written are they renamed into place, so a failure leaves no partial output (and no old file half-replaced).
+
+    Returns:
+        "prototxt", "caffemodel", "report" -> the paths written.
+    """
+    from slim.io import net_to_text, write_caffemodel
+
+    paths = output_paths(output, report)
+    for path in paths.values():
+        if not path.parent.is_dir():
+            raise PruneError(f"Cannot write {path}: the folder {path.parent} does not exist. Create it or choose "
+                             f"another --output.")
+    temps = {key: path.with_name(f".{path.name}.{os.getpid()}.partial") for key, path in paths.items()}
+    try:
+        write_caffemodel(temps["caffemodel"], result.net, result.blobs)
+        r = result.report
+        header = (f"# Pruned by `slim prune` from {r.model} and {r.weights}: {r.removed} of {r.prunable} prunable "
+                  f"channels removed ({r.fraction:.2%}).\n"
+                  f"# Report: {paths['report'].name}. Comments of the original are not carried over.\n")
+        with atomic_write(temps["prototxt"], "w") as f:
+            f.write(header + net_to_text(result.net))
+        result.report.write(temps["report"])
+        for key in ("caffemodel", "prototxt", "report"):
+            os.replace(temps[key], paths[key])
+    finally:
+        for tmp in temps.values():
+            if tmp.exists():
+                tmp.unlink()
+    return paths

@@ -1,0 +1,183 @@
+"""Importance criteria: small registered callables that score a group's channels.
+
+A criterion takes a ChannelGroup and the net's blobs (layer name -> arrays in Caffe's order) and returns one score
+array of length ``group.size`` per *member* that has an opinion (a Scale layer for ``slimming``, a producing layer for
+``l1``), with NaN where that member does not hold the channel::
+
+    @register_criterion("l2")
+    def l2(group, blobs):
+        return [_norm(gs, blobs, 2) for gs in group.slots if gs.slot.side == "output" and gs.slot.blob == 0]
+
+``channel_scores`` combines the members of every group into one score per channel by a tie rule (a channel of a
+group tied by an Eltwise has several members): ``union`` and ``max`` rank a channel by its strongest member, so it
+stays while any member would keep it (the union rule of pytorch-network-slimming's shortcut schema); ``mean`` and
+``sum`` aggregate. A channel that no member scores (a group without Scale layers under ``slimming``) cannot be
+ranked and is not pruned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Mapping, Sequence
+
+import numpy as np
+
+from slim.errors import PruneError
+from slim.prune.groups import ChannelAnalysis, ChannelGroup, GroupSlot
+
+__all__ = ["Criterion", "register_criterion", "criterion", "criteria", "ChannelScores", "channel_scores",
+           "TIE_RULES"]
+
+Criterion = Callable[[ChannelGroup, Mapping[str, Sequence[np.ndarray]]], List[np.ndarray]]
+
+_CRITERIA: Dict[str, Criterion] = {}
+
+#: How the members of a tied group combine into one score per channel.
+TIE_RULES = ("union", "max", "mean", "sum")
+
+
+def register_criterion(name: str):
+    """Decorator: register ``fn(group, blobs) -> [scores per member]`` under ``name`` (``--criterion name``)."""
+
+    def deco(fn: Criterion) -> Criterion:
+        if name in _CRITERIA:
+            raise RuntimeError(f"importance criterion {name!r} registered twice")
+        _CRITERIA[name] = fn
+        return fn
+
+    return deco
+
+
+def criteria() -> List[str]:
+    """The registered criterion names, sorted."""
+    return sorted(_CRITERIA)
+
+
+def criterion(name: str) -> Criterion:
+    """The criterion registered as ``name``; a PruneError lists the known ones."""
+    try:
+        return _CRITERIA[name]
+    except KeyError:
+        raise PruneError(f"Unknown importance criterion {name!r}; choose one of {', '.join(criteria())} "
+                         f"(--criterion).") from None
+
+
+def _per_channel(gs: GroupSlot, size: int, values: np.ndarray) -> np.ndarray:
+    """Scores by position -> by group channel (the largest where a channel owns several positions), NaN elsewhere."""
+    out = np.full(size, -np.inf)
+    np.maximum.at(out, gs.local, values.astype(np.float64))
+    out[np.isneginf(out)] = np.nan
+    return out
+
+
+def _norm(gs: GroupSlot, blobs, order: int) -> np.ndarray:
+    """The L1 or L2 norm of the slices of a blob along the slot's axis, at the group's positions."""
+    array = np.asarray(blobs[gs.slot.layer][gs.slot.blob])
+    rows = np.moveaxis(array, gs.slot.axis, 0).reshape(array.shape[gs.slot.axis], -1)
+    out = np.empty(len(rows))
+    # Blocks of about 4 MB: the temporaries stay in cache, and each value of the blob is read once.
+    step = max(1, (1 << 20) // max(1, rows.shape[1]))
+    for start in range(0, len(rows), step):
+        block = rows[start:start + step]
+        out[start:start + step] = np.abs(block).sum(1) if order == 1 else np.einsum("ij,ij->i", block, block)
+    out = out[gs.positions]
+    return out if order == 1 else np.sqrt(out)
+
+
+@register_criterion("slimming")
+def slimming(group: ChannelGroup, blobs) -> List[np.ndarray]:
+    """|gamma| of every Scale layer of the group (network slimming, Liu et al. 2017): one member per Scale."""
+    out = []
+    for gs in group.slots:
+        if gs.slot.factor:
+            gamma = np.asarray(blobs[gs.slot.layer][gs.slot.blob])
+            values = np.abs(np.moveaxis(gamma, gs.slot.axis, 0).reshape(gamma.shape[gs.slot.axis], -1)[
+                gs.positions, 0])
+            out.append(_per_channel(gs, group.size, values))
+    return out
+
+
+@register_criterion("l1")
+def l1(group: ChannelGroup, blobs) -> List[np.ndarray]:
+    """The L1 norm of each producing filter (Li et al., "Pruning Filters for Efficient ConvNets", 2017)."""
+    return [_per_channel(gs, group.size, _norm(gs, blobs, 1)) for gs in group.slots
+            if gs.slot.side == "output" and gs.slot.blob == 0]
+
+
+@register_criterion("l2")
+def l2(group: ChannelGroup, blobs) -> List[np.ndarray]:
+    """The L2 norm of each producing filter."""
+    return [_per_channel(gs, group.size, _norm(gs, blobs, 2)) for gs in group.slots
+            if gs.slot.side == "output" and gs.slot.blob == 0]
+
+
+@dataclasses.dataclass
+class ChannelScores:
+    """One score per channel of the net, from a criterion and a tie rule.
+
+    Attributes:
+        criterion: the criterion's name.
+        tie_rule: how members combined.
+        score: channel id -> score (NaN: not scored, so not prunable).
+        members: channel id -> number of member scores it had (a tied channel has several).
+        member_scores: every member score of every scored channel, as (channel id, score) arrays (for the union
+            rule's threshold).
+    """
+
+    criterion: str
+    tie_rule: str
+    score: np.ndarray
+    members: np.ndarray
+    member_channel: np.ndarray
+    member_score: np.ndarray
+
+
+def channel_scores(analysis: ChannelAnalysis, blobs: Mapping[str, Sequence[np.ndarray]], name: str = "slimming",
+                   tie_rule: str = "union") -> ChannelScores:
+    """Score every channel with criterion ``name``, combining a tied channel's members by ``tie_rule``.
+
+    Raises:
+        PruneError: unknown criterion or tie rule; a criterion that scores no channel at all (for ``slimming``: the
+            net has no Scale layer after its producers), naming the layers that lack scores.
+    """
+    fn = criterion(name)
+    if tie_rule not in TIE_RULES:
+        raise PruneError(f"Unknown tie rule {tie_rule!r}; choose one of {', '.join(TIE_RULES)} (--tie-rule).")
+    n = analysis.num_channels
+    score = np.full(n, np.nan)
+    members = np.zeros(n, np.int64)
+    member_channel, member_score = [], []
+    for group in analysis.groups:
+        if group.prunable == 0:
+            continue
+        per_member = fn(group, blobs)
+        if not per_member:
+            continue
+        stack = np.vstack(per_member)
+        valid = ~np.isnan(stack)
+        count = valid.sum(0)
+        with np.errstate(invalid="ignore"):
+            if tie_rule in ("union", "max"):
+                combined = np.where(count > 0, np.nanmax(np.where(valid, stack, -np.inf), 0), np.nan)
+            elif tie_rule == "mean":
+                combined = np.where(count > 0, np.nansum(stack, 0) / np.maximum(count, 1), np.nan)
+            else:
+                combined = np.where(count > 0, np.nansum(stack, 0), np.nan)
+        score[group.channels] = combined
+        members[group.channels] = count
+        rows, cols = np.nonzero(valid)
+        member_channel.append(group.channels[cols])
+        member_score.append(stack[rows, cols])
+    unpinned = ~analysis.pinned
+    if not np.any(~np.isnan(score) & unpinned):
+        lacking = sorted({p for g in analysis.groups if g.prunable for p in g.producers})
+        if name == "slimming":
+            raise PruneError(
+                f"{analysis.graph.source}: criterion 'slimming' ranks channels by the gamma of a Scale layer after "
+                f"their BatchNorm, and no prunable channel has one (layers producing channels without it: "
+                f"{', '.join(lacking[:12]) or 'none'}{' ...' if len(lacking) > 12 else ''}). Use --criterion l1 to "
+                f"rank them by filter norms instead.")
+        raise PruneError(f"{analysis.graph.source}: criterion {name!r} scores none of the prunable channels (layers: "
+                         f"{', '.join(lacking[:12]) or 'none'}); choose another --criterion.")
+    cat = (lambda xs, dt: np.concatenate(xs) if xs else np.empty(0, dt))
+    return ChannelScores(name, tie_rule, score, members, cat(member_channel, np.int64), cat(member_score, float))

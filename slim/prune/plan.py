@@ -1,0 +1,353 @@
+"""Policies -> a PrunePlan: which channels of every group are kept.
+
+Policies (one of them per pruning):
+
+* **global percent** (``--percent p``, the paper's): rank every prunable channel of the net by its score and remove
+  the lowest ``floor(N * p)`` of the N prunable channels (with the ``union`` tie rule, a tied channel counts each of
+  its members: the threshold is the ``floor(M * p)``-th lowest of the M member scores, and a channel goes when all its
+  members are below it, which for an untied net is the same ``floor(N * p)``). Ties in score are broken by group,
+  then channel index, so a plan is reproducible;
+* **per layer** (``--policy layer``, ``--layer-percent NAME=P``): each group removes ``floor(n * p)`` of its own n
+  prunable channels;
+* **target** (``--target-macs M`` or ``--speedup S``): the global ranking, cut where the pruned net's conv+FC
+  multiply-accumulates per image come within 1% of the target (found by bisection; the net is rewritten and its
+  shapes inferred at each step).
+
+Constraints, applied to every group: ``min_channels`` (an absolute count, default 1, so no layer is ever emptied)
+and ``min_fraction`` keep at least that many; ``max_prune`` removes at most that fraction in one pass (the paper's
+multi-pass schedule used 0.5); ``round_to`` rounds each group's kept count up to a multiple (8 for tensor cores; it
+adds back the best removed channels, so the removed count may end below the request); ``protect`` pins layers. A
+blob never loses all its channels (a Slice top covering only removed channels gets its best channel back). The
+limits win over the request: the report gives both the requested and the removed count (the real fraction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from slim.errors import PruneError
+from slim.prune.groups import ChannelAnalysis
+from slim.prune.importance import TIE_RULES, ChannelScores
+
+__all__ = ["PrunePolicy", "PrunePlan", "make_plan", "plan_from_kept"]
+
+
+@dataclasses.dataclass
+class PrunePolicy:
+    """What to remove, and the limits every group respects.
+
+    Attributes:
+        percent: fraction of the prunable channels to remove, in [0, 1) (global or per layer).
+        scope: "global" (one ranking over the net) or "layer" (each group removes its own fraction).
+        layer_percent: layer name -> fraction for the group(s) holding that layer's output channels (overrides
+            ``percent`` there; those groups are pruned on their own).
+        target_macs: conv+FC multiply-accumulates per image the pruned net should have (within 1%).
+        speedup: original MACs / pruned MACs to reach (within 1%); an alternative to ``target_macs``.
+        criterion: the importance criterion (slim.prune.importance: slimming, l1, l2, ...).
+        tie_rule: how a tied channel's members combine: union (default), max, mean, sum.
+        min_channels: channels every group keeps at least.
+        min_fraction: fraction of its channels every group keeps at least.
+        max_prune: fraction of its channels a group may lose at most.
+        round_to: round each group's kept count up to a multiple of this.
+        protect: layer names whose output channels are never removed.
+    """
+
+    percent: Optional[float] = None
+    scope: str = "global"
+    layer_percent: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    target_macs: Optional[float] = None
+    speedup: Optional[float] = None
+    criterion: str = "slimming"
+    tie_rule: str = "union"
+    min_channels: int = 1
+    min_fraction: float = 0.0
+    max_prune: float = 1.0
+    round_to: int = 1
+    protect: Sequence[str] = ()
+
+    def check(self) -> None:
+        """Raise PruneError for a value out of range or a contradictory combination (flag names in messages)."""
+        goals = [name for name, v in (("--percent", self.percent), ("--target-macs", self.target_macs),
+                                      ("--speedup", self.speedup)) if v is not None]
+        if len(goals) > 1:
+            raise PruneError(f"Give one of --percent, --target-macs and --speedup, not {' and '.join(goals)}.")
+        if not goals and not self.layer_percent:
+            raise PruneError("Say how much to prune: --percent P (a fraction in [0, 1)), --target-macs M, --speedup S "
+                             "or --layer-percent LAYER=P.")
+        for name, p in [("--percent", self.percent)] + [(f"--layer-percent {k}", v)
+                                                        for k, v in self.layer_percent.items()]:
+            if p is not None and not (0 <= p < 1) or (p is not None and math.isnan(p)):
+                raise PruneError(f"{name} must be a fraction in [0, 1) (0.7 removes 70% of the prunable channels); "
+                                 f"got {p}.")
+        if self.scope not in ("global", "layer"):
+            raise PruneError(f"--policy must be 'global' or 'layer', got {self.scope!r}.")
+        if self.scope == "layer" and self.percent is None and not self.layer_percent:
+            raise PruneError("--policy layer needs --percent or --layer-percent.")
+        if self.target_macs is not None and not self.target_macs > 0:
+            raise PruneError(f"--target-macs must be a positive number of multiply-accumulates; got "
+                             f"{self.target_macs}.")
+        if self.speedup is not None and not self.speedup >= 1:
+            raise PruneError(f"--speedup must be at least 1 (original MACs / pruned MACs); got {self.speedup}.")
+        if self.tie_rule not in TIE_RULES:
+            raise PruneError(f"--tie-rule must be one of {', '.join(TIE_RULES)}; got {self.tie_rule!r}.")
+        if self.min_channels < 1:
+            raise PruneError(f"--min-channels must keep at least 1 channel per layer; got {self.min_channels}.")
+        if not 0 <= self.min_fraction <= 1:
+            raise PruneError(f"--min-channels as a percentage must lie in [0%, 100%]; got {self.min_fraction:.0%}.")
+        if not 0 < self.max_prune <= 1:
+            raise PruneError(f"--max-prune-per-layer must be a fraction in (0, 1]; got {self.max_prune}.")
+        if self.round_to < 1:
+            raise PruneError(f"--round-to must be a positive channel multiple; got {self.round_to}.")
+
+    def describe(self) -> Dict[str, object]:
+        """The policy as plain values (for the JSON report)."""
+        out = dataclasses.asdict(self)
+        out["layer_percent"] = dict(self.layer_percent)
+        out["protect"] = list(self.protect)
+        return out
+
+
+@dataclasses.dataclass
+class PrunePlan:
+    """Which channels stay.
+
+    Attributes:
+        keep: channel id -> kept (bool), over every channel of the analysis.
+        prunable: N, the channels that could be ranked and removed (not pinned, scored).
+        requested: channels the policy asked to remove before rounding and blob guards (None for a replay).
+        macs: conv+FC MACs per image before and after, when a target policy computed them.
+    """
+
+    keep: np.ndarray
+    prunable: int
+    requested: Optional[int] = None
+    macs: Optional[Tuple[float, float]] = None
+
+    @property
+    def removed(self) -> int:
+        return int((~self.keep).sum())
+
+    @property
+    def fraction(self) -> float:
+        """The fraction of the prunable channels actually removed."""
+        return self.removed / self.prunable if self.prunable else 0.0
+
+
+def _group_limits(analysis: ChannelAnalysis, policy: PrunePolicy) -> np.ndarray:
+    """How many channels each group may lose at most."""
+    out = np.zeros(len(analysis.groups), np.int64)
+    for g in analysis.groups:
+        n = g.size
+        floor_keep = min(n, max(policy.min_channels, math.ceil(policy.min_fraction * n - 1e-9)))
+        out[g.index] = min(n - floor_keep, math.floor(policy.max_prune * n + 1e-9))
+    return out
+
+
+def _order(analysis: ChannelAnalysis, candidates: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Candidates sorted by key, then group, then channel index within the group (deterministic)."""
+    g = analysis.group_of[candidates]
+    local = analysis.local_of[candidates]
+    return candidates[np.lexsort((local, g, key[candidates]))]
+
+
+def _eligible(analysis: ChannelAnalysis, ordered: np.ndarray, limits: np.ndarray) -> np.ndarray:
+    """The ordered candidates a walk in that order may remove: the first ``limits[g]`` of each group."""
+    groups = analysis.group_of[ordered]
+    by_group = np.argsort(groups, kind="stable")           # each group's candidates, still in walk order
+    sorted_groups = groups[by_group]
+    first = np.searchsorted(sorted_groups, sorted_groups)  # where each group's run starts
+    rank_in_group = np.empty(len(ordered), np.int64)
+    rank_in_group[by_group] = np.arange(len(ordered)) - first
+    return ordered[rank_in_group < limits[groups]]
+
+
+def _finish(analysis: ChannelAnalysis, keep: np.ndarray, score: np.ndarray, round_to: int) -> np.ndarray:
+    """Round kept counts up to ``round_to`` and keep every blob non-empty, restoring the best removed channels."""
+    keep = keep.copy()
+    best_first = lambda ids: ids[np.lexsort((-analysis.local_of[ids], -np.nan_to_num(score[ids], nan=np.inf)))]
+    if round_to > 1:
+        for g in analysis.groups:
+            kept = int(keep[g.channels].sum())
+            want = min(g.size, -(-kept // round_to) * round_to)
+            if want > kept:
+                removed = g.channels[~keep[g.channels]]
+                keep[best_first(removed)[:want - kept]] = True
+    for channels in analysis.blob_channels.values():
+        if len(channels) and not keep[channels].any():
+            keep[best_first(np.unique(channels))[0]] = True
+    return keep
+
+
+def make_plan(analysis: ChannelAnalysis, scores: ChannelScores, policy: PrunePolicy,
+              macs_of: Optional[Callable[[np.ndarray], float]] = None) -> PrunePlan:
+    """Apply a policy to the scored channels.
+
+    Args:
+        analysis: the net's channel analysis.
+        scores: one score per channel (slim.prune.importance.channel_scores).
+        policy: the PrunePolicy (checked here).
+        macs_of: keep mask -> conv+FC MACs per image of the pruned net; required by target policies.
+
+    Raises:
+        PruneError: a bad policy value, an unknown --layer-percent layer, a request the constraints forbid, or a
+            target that cannot be met.
+    """
+    policy.check()
+    n = analysis.num_channels
+    score = scores.score
+    candidates = np.nonzero(~analysis.pinned & ~np.isnan(score))[0]
+    prunable = len(candidates)
+    limits = _group_limits(analysis, policy)
+    remove = np.zeros(n, bool)
+    requested = 0
+
+    own: Dict[int, float] = {}
+    for name, p in policy.layer_percent.items():
+        try:
+            groups = analysis.group_of_layer(name)
+        except Exception:
+            raise PruneError(f"--layer-percent names layer {name!r}, which is not in the net "
+                             f"{analysis.graph.source}.") from None
+        if not groups:
+            raise PruneError(f"--layer-percent {name}: layer {name!r} has no output channels to prune.")
+        for g in groups:
+            own[g.index] = p
+    if policy.scope == "layer" and policy.percent is not None:
+        for g in analysis.groups:
+            own.setdefault(g.index, policy.percent)
+
+    # Groups with their own fraction: each removes floor(n * p) of its prunable channels.
+    in_own = np.isin(analysis.group_of[candidates], list(own)) if own else np.zeros(len(candidates), bool)
+    for gi, p in own.items():
+        mine = candidates[analysis.group_of[candidates] == gi]
+        ordered = _order(analysis, mine, score)
+        k = math.floor(len(mine) * p + 1e-9)
+        allowed = ordered[:min(k, int(limits[gi]))]
+        remove[allowed] = True
+        requested += k
+    rest = candidates[~in_own]
+    ordered = _order(analysis, rest, score)
+    eligible = _eligible(analysis, ordered, limits)
+    macs = None
+
+    if policy.percent is not None and policy.scope == "global" and len(rest):
+        if scores.tie_rule == "union":
+            k = _union_count(analysis, scores, rest, policy.percent)
+        else:
+            k = math.floor(len(rest) * policy.percent + 1e-9)
+        # The limits win over the request: what they forbid stays, and the report shows requested and removed.
+        remove[eligible[:k]] = True
+        requested += k
+    elif policy.target_macs is not None or policy.speedup is not None:
+        if macs_of is None:
+            raise AssertionError("a target policy needs macs_of")
+        keep0 = ~remove
+        before = macs_of(np.ones(n, bool))
+        target = policy.target_macs if policy.target_macs is not None else before / policy.speedup
+        k, after = _search(analysis, keep0, eligible, score, policy.round_to, macs_of, target, before)
+        remove[eligible[:k]] = True
+        requested += k
+        macs = (before, after)
+
+    keep = _finish(analysis, ~remove, score, policy.round_to)
+    return PrunePlan(keep, prunable, requested, macs)
+
+
+def _union_count(analysis: ChannelAnalysis, scores: ChannelScores, rest: np.ndarray, p: float) -> int:
+    """Channels whose every member score lies among the lowest floor(M * p) of the M member scores."""
+    mine = np.isin(scores.member_channel, rest)
+    ch, sc = scores.member_channel[mine], scores.member_score[mine]
+    m = len(ch)
+    t = math.floor(m * p + 1e-9)
+    if t == 0:
+        return 0
+    order = np.lexsort((analysis.local_of[ch], analysis.group_of[ch], sc))
+    rank = np.empty(m, np.int64)
+    rank[order] = np.arange(m)
+    worst = np.full(analysis.num_channels, -1, np.int64)
+    np.maximum.at(worst, ch, rank)
+    return int((worst[rest] < t).sum())
+
+
+def _search(analysis, keep0, eligible, score, round_to, macs_of, target, before) -> Tuple[int, float]:
+    """The smallest k whose pruned MACs are within 1% above the target, by bisection (MACs fall as k grows)."""
+    def macs_at(k: int) -> float:
+        keep = keep0.copy()
+        keep[eligible[:k]] = False
+        return macs_of(_finish(analysis, keep, score, round_to))
+
+    if target >= before * 0.99:
+        return 0, before
+    hi = len(eligible)
+    lowest = macs_at(hi)
+    if lowest > target * 1.01:
+        raise PruneError(f"The target of {target:,.0f} MACs per image (conv+FC) cannot be met: removing every channel "
+                         f"the limits allow leaves {lowest:,.0f} (the original has {before:,.0f}). Relax "
+                         f"--min-channels/--max-prune-per-layer/--protect or aim higher.")
+    lo = 0  # macs_at(lo) > target * 1.01 holds for lo = 0 here
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if macs_at(mid) <= target * 1.01:
+            hi = mid
+        else:
+            lo = mid
+    found = macs_at(hi)
+    if found < target * 0.99:
+        raise PruneError(f"The target of {target:,.0f} MACs per image cannot be met within 1%: removing one more "
+                         f"channel jumps from {macs_at(lo):,.0f} to {found:,.0f} (try without --round-to, or a "
+                         f"nearby target).")
+    return hi, found
+
+
+def plan_from_kept(analysis: ChannelAnalysis, kept: Mapping[str, Sequence[int]],
+                   channels_before: Mapping[str, int], source: str = "the report") -> PrunePlan:
+    """Rebuild a plan from the kept output channels of producer layers (``--apply-report``).
+
+    Args:
+        analysis: the analysis of the (fresh, unpruned) net.
+        kept: producer layer name -> indices of its output channels to keep.
+        channels_before: producer layer name -> its output channel count when the report was made.
+        source: names the report in error messages.
+
+    Raises:
+        PruneError: a layer of the report is missing or has another width, the indices are out of range, or they
+            contradict each other (tied layers keeping different channels) or a pinned channel.
+    """
+    keep = np.ones(analysis.num_channels, bool)
+    decided = np.zeros(analysis.num_channels, np.int8)   # 0 unseen, 1 kept, 2 removed
+    for name, indices in kept.items():
+        info = analysis.producers.get(name)
+        if info is None:
+            raise PruneError(f"{source} prunes layer {name!r}, which is not a Convolution, Deconvolution or "
+                             f"InnerProduct of {analysis.graph.source}; apply the report to the net it was made for.")
+        width = len(info.outputs)
+        if channels_before.get(name, width) != width:
+            raise PruneError(f"{source} was made for a net whose layer {name!r} has {channels_before[name]} output "
+                             f"channels; {analysis.graph.source} gives it {width}. Apply it to the same, unpruned net.")
+        idx = np.asarray(sorted(set(int(i) for i in indices)), np.int64)
+        if len(idx) and (idx[0] < 0 or idx[-1] >= width):
+            raise PruneError(f"{source}: layer {name!r} keeps channel {int(idx[-1] if idx[-1] >= width else idx[0])}, "
+                             f"outside its {width} output channels.")
+        mask = np.zeros(width, bool)
+        mask[idx] = True
+        for pos_kept, value in ((mask, 1), (~mask, 2)):
+            ch = info.outputs[pos_kept]
+            clash = (decided[ch] != 0) & (decided[ch] != value)
+            if clash.any():
+                raise PruneError(f"{source}: layer {name!r} {'keeps' if value == 1 else 'removes'} channel "
+                                 f"{int(np.nonzero(pos_kept)[0][np.argmax(clash)])}, which a layer tied to it "
+                                 f"{'removes' if value == 1 else 'keeps'}; the report does not fit this net.")
+            decided[ch] = value
+    removed = decided == 2
+    if (removed & analysis.pinned).any():
+        c = int(np.argmax(removed & analysis.pinned))
+        g = analysis.groups[analysis.group_of[c]]
+        raise PruneError(f"{source} removes a channel of group {g.index} ({', '.join(g.producers[:3])}) that may not "
+                         f"be removed here: {g.pinned[int(analysis.local_of[c])]}.")
+    keep[removed] = False
+    prunable = int((~analysis.pinned).sum())
+    return PrunePlan(keep, prunable, None, None)

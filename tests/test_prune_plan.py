@@ -1,0 +1,241 @@
+"""Importance criteria and policies: exact counts, deterministic ties, constraints, targets, and clear errors."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slim.errors import PruneError, WeightsError
+from slim.graph import build_graph
+from slim.io import parse_net, read_net
+from slim.prune import PrunePolicy, analyze, channel_scores, conv_fc_macs, criteria, prune_net, rewrite_net
+
+NETS = Path(__file__).resolve().parents[1] / "nets"
+
+
+def inp(c=3, h=6, w=6):
+    return f'layer {{ name: "input" type: "Input" top: "data" input_param {{ shape {{ dim: 1 dim: {c} dim: {h} ' \
+           f'dim: {w} }} }} }}\n'
+
+
+def cbs(name, bottom, n, top=None):
+    top = top or name
+    return (f'layer {{ name: "{name}" type: "Convolution" bottom: "{bottom}" top: "{top}" '
+            f'convolution_param {{ num_output: {n} kernel_size: 3 pad: 1 bias_term: false }} }}\n'
+            f'layer {{ name: "{name}/bn" type: "BatchNorm" bottom: "{top}" top: "{top}" }}\n'
+            f'layer {{ name: "{name}/scale" type: "Scale" bottom: "{top}" top: "{top}" '
+            f'scale_param {{ bias_term: true }} }}\n'
+            f'layer {{ name: "{name}/relu" type: "ReLU" bottom: "{top}" top: "{top}" }}\n')
+
+
+def fc(name, bottom, n):
+    return f'layer {{ name: "{name}" type: "InnerProduct" bottom: "{bottom}" top: "{name}" ' \
+           f'inner_product_param {{ num_output: {n} }} }}\n'
+
+
+CHAIN = inp() + cbs("c1", "data", 10) + cbs("c2", "c1", 20) + cbs("c3", "c2", 30) + fc("fc", "c3", 4)
+
+
+def synthetic_blobs(net, seed=0, gammas=None):
+    """Random blobs of the right shapes; BatchNorm statistics sane; Scale gammas from ``gammas`` when given."""
+    graph = build_graph(net)
+    rng = np.random.default_rng(seed)
+    blobs = {}
+    for node in graph.layers:
+        arrays = [rng.normal(0, 0.1, s).astype(np.float32) for s in node.blob_shapes]
+        if node.type == "BatchNorm":
+            arrays[1] = np.abs(arrays[1]) + 1
+            arrays[2] = np.ones(node.blob_shapes[2], np.float32)
+        if node.type == "Scale" and gammas is not None and node.name in gammas:
+            arrays[0] = np.asarray(gammas[node.name], np.float32)
+        if arrays:
+            blobs[node.name] = arrays
+    return blobs
+
+
+def kept(result):
+    return {c.name: c.kept for c in result.report.layers}
+
+
+def test_global_percent_removes_exactly_floor_n_p_lowest_gammas():
+    rng = np.random.default_rng(1)
+    values = rng.permutation(60) / 60.0 + 0.01
+    gammas = {"c1/scale": values[:10], "c2/scale": values[10:30], "c3/scale": values[30:]}
+    net = parse_net(CHAIN)
+    result = prune_net(net, synthetic_blobs(net, gammas=gammas), PrunePolicy(percent=0.35))
+    k = math.floor(60 * 0.35)
+    assert result.report.removed == k == result.report.requested
+    assert result.report.fraction == pytest.approx(k / 60)
+    threshold = np.sort(values)[k]
+    for name, scale in (("c1", "c1/scale"), ("c2", "c2/scale"), ("c3", "c3/scale")):
+        assert kept(result)[name] == [int(i) for i in np.nonzero(gammas[scale] >= threshold)[0]]
+    assert kept(result)["fc"] == [0, 1, 2, 3]        # the net output is never pruned
+
+
+def test_ties_are_broken_by_group_then_index_and_plans_repeat():
+    net = parse_net(CHAIN)
+    gammas = {"c1/scale": np.full(10, 0.5), "c2/scale": np.full(20, 0.5), "c3/scale": np.full(30, 0.5)}
+    blobs = synthetic_blobs(net, gammas=gammas)
+    first = prune_net(net, blobs, PrunePolicy(percent=0.5))
+    # 30 to remove: c1 may lose 9 (one stays), then c2's first 19 are next in order, then c3's first 2.
+    assert kept(first)["c1"] == [9]
+    assert kept(first)["c2"] == [19]
+    assert kept(first)["c3"] == list(range(2, 30))
+    again = prune_net(net, blobs, PrunePolicy(percent=0.5))
+    assert kept(again) == kept(first)
+
+
+@pytest.mark.parametrize("policy, check", [
+    (PrunePolicy(percent=0.9, min_channels=4), lambda k: all(len(v) >= 4 for v in k.values())),
+    (PrunePolicy(percent=0.6, min_fraction=0.5), lambda k: len(k["c1"]) >= 5 and len(k["c2"]) >= 10
+     and len(k["c3"]) >= 15),
+    (PrunePolicy(percent=0.45, max_prune=0.5), lambda k: len(k["c1"]) >= 5 and len(k["c2"]) >= 10
+     and len(k["c3"]) >= 15),
+    (PrunePolicy(percent=0.5, round_to=8), lambda k: all(len(k[n]) % 8 == 0 or len(k[n]) == w
+                                                         for n, w in (("c1", 10), ("c2", 20), ("c3", 30)))),
+    (PrunePolicy(percent=0.5, scope="layer"), lambda k: (len(k["c1"]), len(k["c2"]), len(k["c3"])) == (5, 10, 15)),
+    (PrunePolicy(layer_percent={"c2": 0.25}), lambda k: (len(k["c1"]), len(k["c2"]), len(k["c3"])) == (10, 15, 30)),
+    (PrunePolicy(percent=0.99), lambda k: all(len(v) >= 1 for v in k.values())),
+])
+def test_constraints(policy, check):
+    net = parse_net(CHAIN)
+    result = prune_net(net, synthetic_blobs(net, 2), policy)
+    assert check(kept(result)), kept(result)
+
+
+def test_limits_win_over_the_request_and_the_report_says_so():
+    net = parse_net(CHAIN)
+    result = prune_net(net, synthetic_blobs(net), PrunePolicy(percent=0.6, max_prune=0.5))
+    assert result.report.requested == 36 and result.report.removed == 30
+    assert result.report.fraction == 0.5
+    assert "36 channels were requested" in str(result.report)
+
+
+TIED = inp() + cbs("a", "data", 4) + (
+    'layer { name: "b" type: "Convolution" bottom: "a" top: "b" convolution_param { num_output: 4 kernel_size: 1 '
+    'bias_term: false } }\nlayer { name: "b/bn" type: "BatchNorm" bottom: "b" top: "b" }\n'
+    'layer { name: "b/scale" type: "Scale" bottom: "b" top: "b" scale_param { bias_term: true } }\n'
+    'layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b" top: "sum" }\n') + cbs("s", "sum", 4) \
+    + fc("fc", "s", 2)
+TIED_GAMMAS = {"a/scale": [0.1, 0.2, 0.9, 0.95], "b/scale": [0.15, 0.85, 0.3, 0.96], "s/scale": [0.05, 0.5, 0.6, 0.7]}
+
+
+@pytest.mark.parametrize("rule, tied_kept, s_kept", [
+    ("union", [1, 2, 3], [2, 3]),      # 6 lowest of 12 member scores; a channel goes when all its members are there
+    ("max", [1, 2, 3], [3]),           # 4 of 8 channels by their strongest member
+    ("mean", [2, 3], [2, 3]),
+    ("sum", [1, 2, 3], [3]),
+])
+def test_tie_rules(rule, tied_kept, s_kept):
+    net = parse_net(TIED)
+    result = prune_net(net, synthetic_blobs(net, gammas=TIED_GAMMAS), PrunePolicy(percent=0.5, tie_rule=rule))
+    assert kept(result)["a"] == tied_kept == kept(result)["b"]
+    assert kept(result)["s"] == s_kept
+
+
+def test_criteria_score_by_hand():
+    net = parse_net(CHAIN)
+    blobs = synthetic_blobs(net, 3)
+    analysis = analyze(build_graph(net))
+    c2 = analysis.blob_channels["c2"]
+    l1 = channel_scores(analysis, blobs, "l1").score[c2]
+    np.testing.assert_allclose(l1, np.abs(blobs["c2"][0]).reshape(20, -1).sum(1), rtol=1e-6)
+    l2 = channel_scores(analysis, blobs, "l2").score[c2]
+    np.testing.assert_allclose(l2, np.sqrt((blobs["c2"][0].astype(np.float64) ** 2).reshape(20, -1).sum(1)),
+                               rtol=1e-6)
+    slim = channel_scores(analysis, blobs, "slimming").score[c2]
+    np.testing.assert_allclose(slim, np.abs(blobs["c2/scale"][0]))
+    assert {"slimming", "l1", "l2"} <= set(criteria())
+
+
+def _resnet56():
+    path = NETS / "resnet56_cifar10_deploy.prototxt"
+    if not path.exists():
+        pytest.skip(f"{path} is absent (generate nets/ with python tools/zoo.py)")
+    return read_net(path)
+
+
+@pytest.mark.parametrize("kind", ["macs", "speedup"])
+def test_targets_are_met_within_one_percent(kind):
+    net = _resnet56()
+    blobs = synthetic_blobs(net, 4)
+    before = conv_fc_macs(build_graph(net))
+    policy = PrunePolicy(target_macs=0.55 * before) if kind == "macs" else PrunePolicy(speedup=2.0)
+    result = prune_net(net, blobs, policy)
+    target = 0.55 * before if kind == "macs" else before / 2
+    assert result.report.macs_before == before
+    assert abs(result.report.macs_after - target) <= 0.01 * target
+    assert conv_fc_macs(build_graph(result.net)) == result.report.macs_after
+
+
+def test_a_target_that_cannot_be_met_is_an_error():
+    net = parse_net(CHAIN)
+    with pytest.raises(PruneError, match="cannot be met"):
+        prune_net(net, synthetic_blobs(net), PrunePolicy(target_macs=10))
+
+
+def test_rewrite_keeps_everything_but_channel_counts():
+    net = parse_net(CHAIN)
+    analysis = analyze(build_graph(net))
+    keep = np.ones(analysis.num_channels, bool)
+    keep[analysis.blob_channels["c2"][:5]] = False
+    out = rewrite_net(net, analysis, keep)
+    assert [l.convolution_param.num_output for l in out.layer if l.type == "Convolution"] == [10, 15, 30]
+    next(l for l in out.layer if l.name == "c2").convolution_param.num_output = 20
+    assert out == net
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(percent=1.0), r"--percent must be a fraction in \[0, 1\)"),
+    (dict(percent=-0.1), r"--percent must be a fraction in \[0, 1\)"),
+    (dict(percent=0.5, speedup=2), "Give one of --percent, --target-macs and --speedup"),
+    (dict(), "Say how much to prune"),
+    (dict(speedup=0.5), "--speedup must be at least 1"),
+    (dict(percent=0.5, criterion="taylor"), "Unknown importance criterion 'taylor'; choose one of"),
+    (dict(percent=0.5, protect=("nope",)), "--protect names layer 'nope'"),
+    (dict(layer_percent={"nope": 0.5}), "--layer-percent names layer 'nope'"),
+    (dict(percent=0.5, round_to=0), "--round-to must be a positive"),
+])
+def test_bad_policies_are_one_clear_error(kwargs, message):
+    net = parse_net(CHAIN)
+    with pytest.raises(PruneError, match=message):
+        prune_net(net, synthetic_blobs(net), PrunePolicy(**kwargs))
+
+
+def test_slimming_without_scale_layers_names_them_and_suggests_l1():
+    text = inp() + ('layer { name: "c1" type: "Convolution" bottom: "data" top: "c1" convolution_param { '
+                    'num_output: 4 kernel_size: 3 } }\nlayer { name: "r" type: "ReLU" bottom: "c1" top: "c1" }\n'
+                    + fc("fc", "c1", 2))
+    net = parse_net(text)
+    with pytest.raises(PruneError, match=r"no prunable channel has one \(layers producing channels without it: c1\)"
+                                         r".*--criterion l1"):
+        prune_net(net, synthetic_blobs(net), PrunePolicy(percent=0.5))
+    assert prune_net(net, synthetic_blobs(net), PrunePolicy(percent=0.5, criterion="l1")).report.removed == 2
+
+
+def test_weights_that_do_not_match_the_net_are_a_weights_error():
+    net = parse_net(CHAIN)
+    blobs = synthetic_blobs(net)
+    blobs["c2"] = [np.zeros((16, 10, 3, 3), np.float32)]
+    with pytest.raises(WeightsError, match=r"'c2' blob 0 has shape \(16, 10, 3, 3\), .* expects \(20, 10, 3, 3\)"):
+        prune_net(net, blobs, PrunePolicy(percent=0.5))
+    del blobs["c2"]
+    with pytest.raises(WeightsError, match="no blobs for layer 'c2'"):
+        prune_net(net, blobs, PrunePolicy(percent=0.5))
+    blobs["c2"] = []
+    blobs["c3/bn"] = blobs["c3/bn"][:2]
+    with pytest.raises(WeightsError):
+        prune_net(net, blobs, PrunePolicy(percent=0.5))
+
+
+def test_a_slice_top_is_never_emptied():
+    text = inp() + cbs("c", "data", 6) + (
+        'layer { name: "sl" type: "Slice" bottom: "c" top: "s1" top: "s2" slice_param { slice_point: 2 } }\n') + \
+        fc("f1", "s1", 2) + fc("f2", "s2", 2)
+    net = parse_net(text)
+    blobs = synthetic_blobs(net, gammas={"c/scale": [0.01, 0.02, 0.5, 0.6, 0.7, 0.8]})
+    result = prune_net(net, blobs, PrunePolicy(percent=0.5))
+    assert kept(result)["c"] == [1, 3, 4, 5]           # 0-2 asked for; s1 would be empty, so its best (1) returns
+    sl = next(l for l in result.net.layer if l.name == "sl")
+    assert list(sl.slice_param.slice_point) == [1]
