@@ -14,6 +14,7 @@ device, in one process, repetitions interleaved (slim, reference, slim, ...), an
 
 Usage:
     python benchmarks/bench_train_step.py [--nets vgg19 resnet56] [--reps 9] [--warmup 2] [--device cpu]
+                                          [--threads N]
 """
 
 import argparse
@@ -168,7 +169,8 @@ def bench(name, reps, warmup, device):
     spread = {k: (min(v), max(v)) for k, v in times.items()}
     print(f"{name}: {ref_params:,} learnable params, batch {BATCH}, {reps} reps after {warmup} warm-up, {device}")
     for k in times:
-        print(f"  {k:<10} median {med[k] * 1000:8.1f} ms  (min {spread[k][0] * 1000:.1f}, max {spread[k][1] * 1000:.1f})")
+        lo, hi = spread[k]
+        print(f"  {k:<10} median {med[k] * 1000:8.1f} ms  (min {lo * 1000:.1f}, max {hi * 1000:.1f})")
     print(f"  ratio slim / reference: {med['slim'] / med['reference']:.3f}")
     return med["slim"] / med["reference"]
 
@@ -179,7 +181,10 @@ def main():
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"{platform.platform()}, Python {platform.python_version()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     for name in args.nets:

@@ -1,4 +1,10 @@
-"""The solver: Caffe's learning-rate policies and update rules, and network slimming's sparsity penalty.
+"""The solver: Caffe's training loop, learning-rate policies and update rules, and network slimming's sparsity
+penalty.
+
+Training, as ``caffe train`` does it::
+
+    Solver("solvers/demo_digits_sparse.prototxt").solve()             # one process (slim.solver.solver)
+    train(TrainConfig("solver.prototxt", gpus=[0, 1]))                # processes, devices, signals (slim.solver.train)
 
 One update, as the training loop drives it::
 
@@ -17,10 +23,15 @@ from slim.solver.lr import LR_POLICIES, LrSchedule
 from slim.solver.rules import (RULES, AdaDelta, AdaGrad, Adam, LearnableParamLike, Nesterov, RMSProp, SGD,
                                UpdateRule, create_rule, register_rule)
 from slim.solver.sparsity import GammaStats, SparsityPenalty, create_sparsity, gamma_stats
+from slim.solver.evaluate import Evaluation, Score, evaluate
+from slim.solver.signals import Action
+from slim.solver.solver import Hook, Solver
+from slim.solver.train import TrainConfig, train
 
 __all__ = [
     "LR_POLICIES", "LrSchedule",
     "RULES", "UpdateRule", "LearnableParamLike", "SGD", "Nesterov", "AdaGrad", "RMSProp", "AdaDelta", "Adam",
     "create_rule", "register_rule",
     "SparsityPenalty", "create_sparsity", "GammaStats", "gamma_stats",
+    "Solver", "Hook", "Action", "TrainConfig", "train", "evaluate", "Evaluation", "Score",
 ]

@@ -1,0 +1,55 @@
+"""``slim test --model NET --weights W --iterations N [--gpu ID]``: score a net (caffe test)."""
+
+import logging
+
+from slim.errors import SlimError
+
+
+def register(sub):
+    p = sub.add_parser("test", help="score a trained net: per-batch and averaged outputs (caffe test)")
+    p.add_argument("--model", required=True, help="net prototxt (with data layers for the TEST phase)")
+    p.add_argument("--weights", required=True, help="comma-separated .caffemodel files")
+    p.add_argument("--iterations", type=int, default=50, help="forward passes (default 50, as Caffe)")
+    p.add_argument("--gpu", default=None, help="GPU id to run on (default: CPU)")
+    p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"], help="net phase (default TEST)")
+    p.add_argument("--stage", action="append", default=[], help="NetState stage (repeatable, or comma-separated)")
+    p.add_argument("--level", type=int, default=0, help="NetState level")
+    p.add_argument("--amp", choices=["bf16", "fp16"], help="run the forward passes under autocast")
+    p.add_argument("--allow-unknown-fields", action="store_true", help="skip unknown prototxt fields with a warning")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from slim.net import Net
+    from slim.solver.evaluate import evaluate
+    from slim.solver.logs import fmt, setup_logging
+    from slim.solver.precision import MixedPrecision
+
+    if args.iterations <= 0:
+        raise SlimError(f"--iterations must be positive, found {args.iterations}.")
+    weights = [w for w in args.weights.split(",") if w.strip()]
+    if not weights:
+        raise SlimError("--weights is empty; slim test needs model weights to score (a .caffemodel).")
+    if args.gpu is not None and not torch.cuda.is_available():
+        raise SlimError(f"--gpu {args.gpu} was given but CUDA is not available; run on the CPU without --gpu.")
+    setup_logging(progress=False)
+    log = logging.getLogger("slim.commands.test")
+    device = torch.device(f"cuda:{int(args.gpu)}") if args.gpu is not None else torch.device("cpu")
+    stages = [s.strip() for entry in args.stage for s in entry.split(",") if s.strip()]
+    net = Net(args.model, phase=args.phase, level=args.level, stages=stages, device=device,
+              allow_unknown_fields=args.allow_unknown_fields)
+    for w in weights:
+        net.load_weights(w)
+    log.info("Running for %d iterations.", args.iterations)
+
+    def batch(i, scores):
+        for s in scores:
+            log.info("Batch %d, %s = %s", i, s.name, fmt(s.value))
+
+    ev = evaluate(net, args.iterations, on_batch=batch, autocast=MixedPrecision(args.amp, device, []).autocast)
+    log.info("Loss: %s", fmt(ev.loss))
+    for s in ev.scores:
+        log.info("%s", s)
+    return 0

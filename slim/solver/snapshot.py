@@ -1,0 +1,195 @@
+"""Snapshots: ``prefix_iter_N.caffemodel`` + ``prefix_iter_N.solverstate``, written atomically, read back exactly.
+
+The pair is Caffe's (REFERENCE §2.4): the caffemodel holds every layer of the train net with its blobs
+(BatchNorm statistics included); the SolverState holds ``iter`` (completed updates), ``learned_net`` (the
+caffemodel's path), ``current_step`` (multistep) and ``history`` (the update rule's blobs). Caffe can resume from
+slim's snapshots and slim from Caffe's.
+
+What an *exact* resumption needs beyond that lives in ``SolverState.slim_state`` (a SlimResumeState, field 1000,
+which Caffe skips as an unknown field):
+
+=================  ==============================================================================================
+torch_rng_state    ``torch.get_rng_state()`` of every process, concatenated in rank order (one state, 5056
+                   bytes, per process; Dropout draws from it)
+cuda_rng_state     the same for the current CUDA device of every process, when training on CUDA
+data_epoch,        where the train net's data layers are in their sample order (slim.data resumes there; its
+data_position      random transforms are a function of that position, so they need no generator state)
+smoothed_loss      the losses in the ``average_loss`` window, oldest first
+world_size         the number of processes; resuming with another count is refused, because the data shards and
+                   the per-process random streams would differ
+=================  ==============================================================================================
+
+A run stopped at iteration K and resumed from its snapshot therefore ends with the same weights, bit for bit on
+a CPU, as the run that never stopped. Not saved (so not exact across a resume): the test nets' data positions
+(test outputs may average other batches), the fp16 loss scale of ``--amp fp16`` (it restarts at 2^16), and a
+second data layer of the train net whose position differs from the first's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from slim import proto as pb
+from slim.errors import SolverError
+
+__all__ = ["snapshot_paths", "check_prefix", "write_snapshot", "read_snapshot", "ResumeState"]
+
+_log = logging.getLogger(__name__)
+
+
+def snapshot_paths(prefix: str, iter: int) -> tuple[str, str]:
+    """(``prefix_iter_N.caffemodel``, ``prefix_iter_N.solverstate``), Caffe's names for iteration ``iter``."""
+    base = f"{prefix}_iter_{iter}"
+    return base + ".caffemodel", base + ".solverstate"
+
+
+def check_prefix(prefix: str, iter: int, source: str) -> None:
+    """Caffe's check at start-up: a file ``prefix_iter_N.tempfile`` can be created (then it is removed).
+
+    Raises:
+        SolverError: the folder does not exist or is not writable.
+    """
+    probe = f"{prefix}_iter_{iter}.tempfile"
+    folder = os.path.dirname(probe) or "."
+    if not os.path.isdir(folder):
+        raise SolverError(f"{source}: snapshot_prefix \"{prefix}\" puts snapshots in the folder \"{folder}\", which "
+                          f"does not exist. Create it, or change snapshot_prefix.")
+    try:
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise SolverError(f"{source}: cannot write snapshots with snapshot_prefix \"{prefix}\": creating {probe} "
+                          f"failed ({e.strerror}). Make the folder writable or change snapshot_prefix.") from None
+
+
+def write_snapshot(prefix: str, iter: int, net, *, current_step: int, history: Sequence, rng_states: Sequence[bytes],
+                   cuda_rng_states: Sequence[bytes] = (), data_state: Optional[tuple[int, int]] = None,
+                   smoothed_loss: Sequence[float] = (), world_size: int = 1) -> tuple[str, str]:
+    """Write the caffemodel, then the solverstate, of iteration ``iter`` (each atomically).
+
+    Args:
+        prefix: snapshot_prefix.
+        iter: completed updates.
+        net: the train net (a slim Net); all its layers' blobs are written.
+        current_step: the lr schedule's multistep position.
+        history: the update rule's history tensors, in SolverState order.
+        rng_states: each process's torch CPU generator state, in rank order.
+        cuda_rng_states: each process's CUDA generator state, or empty.
+        data_state: (epoch, position) of the train net's data, or None for a net without data layers.
+        smoothed_loss: the average_loss window, oldest first.
+        world_size: number of training processes.
+
+    Returns:
+        (caffemodel path, solverstate path).
+    """
+    from slim.io import write_solverstate
+
+    model_path, state_path = snapshot_paths(prefix, iter)
+    _log.info("Snapshotting to binary proto file %s", model_path)
+    net.save(model_path)
+    state = pb.SolverState(iter=iter, learned_net=model_path, current_step=current_step)
+    slim = state.slim_state
+    slim.torch_rng_state = b"".join(rng_states)
+    if cuda_rng_states:
+        slim.cuda_rng_state = b"".join(cuda_rng_states)
+    if data_state is not None:
+        slim.data_epoch, slim.data_position = int(data_state[0]), int(data_state[1])
+    slim.smoothed_loss.extend(float(v) for v in smoothed_loss)
+    slim.world_size = world_size
+    _log.info("Snapshotting solver state to binary proto file %s", state_path)
+    write_solverstate(state_path, state, [h.detach() for h in history])
+    return model_path, state_path
+
+
+@dataclasses.dataclass
+class ResumeState:
+    """A solverstate, read and checked, ready to be put back into a solver.
+
+    Attributes:
+        path: the solverstate file.
+        iter: completed updates.
+        current_step: multistep position.
+        history: the history arrays (writable float32).
+        learned_net: the caffemodel to load, resolved to an existing path, or None (Caffe's states may omit it).
+        rng_states: one torch CPU generator state per process, or None (a Caffe solverstate).
+        cuda_rng_states: one CUDA generator state per process, or None.
+        data_state: (epoch, position) of the train data, or None.
+        smoothed_loss: the average_loss window, oldest first.
+        world_size: the process count that wrote it, or None (a Caffe solverstate).
+    """
+
+    path: str
+    iter: int
+    current_step: int
+    history: list[np.ndarray]
+    learned_net: Optional[str]
+    rng_states: Optional[list[bytes]] = None
+    cuda_rng_states: Optional[list[bytes]] = None
+    data_state: Optional[tuple[int, int]] = None
+    smoothed_loss: list[float] = dataclasses.field(default_factory=list)
+    world_size: Optional[int] = None
+
+
+def _split(blob: bytes, parts: int, what: str, path: str) -> list[bytes]:
+    if len(blob) % parts:
+        raise SolverError(f"{path}: slim_state.{what} holds {len(blob)} bytes, which do not split into {parts} "
+                          f"equal per-process states; the file is damaged. Resume from another snapshot.")
+    size = len(blob) // parts
+    return [blob[i * size:(i + 1) * size] for i in range(parts)]
+
+
+def read_snapshot(path: str | os.PathLike, world_size: int = 1) -> ResumeState:
+    """Read a solverstate (and find its caffemodel) for a run of ``world_size`` processes.
+
+    ``learned_net`` is used as stored (relative to the working directory, as Caffe); when it is not there but a
+    file of the same name is beside the solverstate, that one is used, so a folder of snapshots can be moved.
+
+    Raises:
+        SolverError: an HDF5 state, a missing caffemodel, or a state written by another number of processes.
+        ParseError: the file is not a readable SolverState.
+    """
+    from slim.io import read_solverstate
+
+    path = os.fspath(path)
+    if path.endswith(".h5"):
+        raise SolverError(f"{path}: HDF5 solver states are not supported; resume from a .solverstate (binary proto) "
+                          f"snapshot, written with snapshot_format: BINARYPROTO (Caffe's default).")
+    if not os.path.exists(path):
+        raise SolverError(f"--snapshot {path} does not exist. Give the .solverstate file of a snapshot "
+                          f"(prefix_iter_N.solverstate).")
+    state, history = read_solverstate(path, copy=True)
+    learned = None
+    if state.learned_net:
+        learned = state.learned_net
+        if not os.path.exists(learned):
+            beside = os.path.join(os.path.dirname(path), Path(state.learned_net).name)
+            if not os.path.exists(beside):
+                raise SolverError(f"{path}: its weights file learned_net \"{state.learned_net}\" does not exist, "
+                                  f"neither from the working directory nor beside the solverstate ({beside}). Put the "
+                                  f"caffemodel back, or resume from another snapshot.")
+            learned = beside
+    out = ResumeState(path, int(state.iter), int(state.current_step), list(history), learned)
+    if state.HasField("slim_state"):
+        s = state.slim_state
+        if s.world_size and s.world_size != world_size:
+            raise SolverError(f"{path}: this snapshot was trained by {s.world_size} process(es) and cannot resume "
+                              f"with {world_size}: the data shards and random streams depend on the process count. "
+                              f"Resume with {s.world_size} process(es) (--procs/--gpus), or fine-tune from its "
+                              f"caffemodel with --weights instead.")
+        saved_world = s.world_size or 1
+        if s.torch_rng_state:
+            out.rng_states = _split(s.torch_rng_state, saved_world, "torch_rng_state", path)
+        if s.cuda_rng_state:
+            out.cuda_rng_states = _split(s.cuda_rng_state, saved_world, "cuda_rng_state", path)
+        if s.HasField("data_epoch") or s.HasField("data_position"):
+            out.data_state = (int(s.data_epoch), int(s.data_position))
+        out.smoothed_loss = [float(v) for v in s.smoothed_loss]
+        out.world_size = saved_world
+    return out

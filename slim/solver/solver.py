@@ -1,0 +1,541 @@
+"""The training loop: Caffe's ``Solver::Step`` and ``Solver::Solve`` on PyTorch.
+
+    solver = Solver("solvers/demo_digits_sparse.prototxt")      # nets built, weights loaded, checks done
+    solver.solve()                                              # train to max_iter, test, snapshot
+
+One iteration (REFERENCE §2.1), ``iter`` counting completed updates::
+
+    zero the gradients                                           ClearParamDiffs
+    test every test net       if test_interval and iter % test_interval == 0 and (iter > 0 or test_initialization)
+    iter_size x forward + backward, loss = mean of the passes    gradients add up over the passes
+    smoothed loss             the mean of the last average_loss losses
+    display                   if display and iter % display == 0: Caffe's lines, gamma statistics, metrics
+    all-reduce                gradients summed over processes, scaled by 1/processes (several processes only)
+    update                    lr = policy(iter); clip, 1/iter_size, weight decay, sparsity penalty, update rule
+    iter += 1
+    snapshot                  if snapshot and iter % snapshot == 0, or on a signal's request
+
+After ``max_iter``: a final snapshot (``snapshot_after_train``, unless one was just taken), a forward-only pass to
+display the loss, a final test, "Optimization Done.".
+
+Slim's additions to Caffe's loop: the sparsity penalty (network slimming) as a gradient hook of the update, after
+the all-reduce and after fp16 unscaling; a non-finite loss stops training with a SolverError naming the iteration
+and no snapshot is written from then on (the last good one stays); hooks (:class:`Hook`) around each iteration.
+The smoothed loss is recomputed as the mean of its window each iteration (Caffe updates it incrementally; the
+value is the same up to rounding), and the window survives ``step`` calls and snapshots (Caffe clears it at
+every ``Step`` call, so after a resume), so a resumed run logs what the uninterrupted run logs.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from slim import proto as pb
+from slim.errors import SlimError, SolverError
+from slim.solver.distributed import FLAGS, Distributed, GradientReducer, all_gather_bytes, broadcast_tensors
+from slim.solver.evaluate import Evaluation, evaluate, output_loss_weights, output_scores
+from slim.solver.logs import MetricsFile, ProgressBar, fmt
+from slim.solver.lr import LrSchedule
+from slim.solver.nets import resolve_path, solver_nets, split_weights
+from slim.solver.precision import MixedPrecision
+from slim.solver.rules import RULES, create_rule
+from slim.solver.signals import Action
+from slim.solver.snapshot import ResumeState, check_prefix, read_snapshot, write_snapshot
+from slim.solver.sparsity import create_sparsity
+
+__all__ = ["Solver", "Hook"]
+
+_log = logging.getLogger(__name__)
+
+
+class Hook:
+    """Called around every iteration; subclass and override what you need (detectron2's hook order).
+
+    ``before_step`` runs at the start of an iteration, before the test and the forward passes (``solver.iter``
+    is the iteration about to run); an exception there is shared with the other processes, which stop too.
+    ``after_step`` runs after the update (``solver.iter`` already advanced), before the snapshot check.
+    A hook may call ``solver.request(Action.STOP)`` or ``Action.SNAPSHOT`` in ``before_step`` to act at the end
+    of that iteration, exactly as a signal does.
+    """
+
+    def before_step(self, solver: "Solver") -> None:
+        """Start of iteration ``solver.iter``."""
+
+    def after_step(self, solver: "Solver") -> None:
+        """After the update that made ``solver.iter``."""
+
+
+class Solver:
+    """A Caffe solver driving slim nets: build from a solver prototxt, then :meth:`solve` (or :meth:`step`).
+
+    Everything that can fail on user input fails here, in the constructor, before the first iteration: the
+    solver's fields, the nets, the data, the weights, the snapshot to resume from, the snapshot folder.
+
+    Args:
+        solver: a solver prototxt path, or a SolverParameter (then ``solver_path`` names it in messages and anchors
+            relative net paths; its snapshot_prefix is used as it is).
+        solver_path: the solver file when ``solver`` is a message.
+        weights: .caffemodel paths to initialise from (``--weights``); None uses the solver's ``weights`` field.
+        snapshot: a .solverstate to resume from (``--snapshot``); the solver's ``weights`` are then ignored.
+        dist: this process's place among several (default: one process on ``device``).
+        device: the device of a single process (default CPU); ignored when ``dist`` is given.
+        amp: None, "bf16" or "fp16" (see slim.solver.precision).
+        channels_last: keep 4-D weights (and so activations) in channels-last memory format.
+        compile: run the train net's forward through ``torch.compile`` (eager, with a warning, if that fails).
+        hooks: :class:`Hook` objects.
+        progress: a progress bar to update (root process).
+        metrics: write the metrics file (root process).
+
+    Attributes:
+        param: the SolverParameter.
+        net: the train net.
+        test_nets: the test nets (root process only; empty elsewhere).
+        iter: completed updates.
+        schedule: the learning-rate schedule.
+        rule: the update rule (its ``history`` is SolverState.history).
+        sparsity: the network-slimming penalty (penalty 0 when the solver sets none).
+        loss: the last iteration's loss (the mean of its ``iter_size`` passes; nan before the first).
+        smoothed_loss: the mean of the last ``average_loss`` losses (nan before the first iteration).
+        last_snapshot: the last solverstate written (or resumed from), or None.
+    """
+
+    def __init__(self, solver: Union[str, Path, "pb.SolverParameter"], *, solver_path: Optional[str] = None,
+                 weights: Optional[Sequence[str]] = None, snapshot: Optional[str] = None,
+                 dist: Optional[Distributed] = None, device=None, amp: Optional[str] = None,
+                 channels_last: bool = False, compile: bool = False, hooks: Sequence[Hook] = (),
+                 progress: Optional[ProgressBar] = None, metrics: bool = True) -> None:
+        from slim.io import read_solver
+
+        if isinstance(solver, (str, Path)):
+            solver_path = os.fspath(solver)
+            solver = read_solver(solver_path)
+        self.param = pb.SolverParameter()
+        self.param.CopyFrom(solver)
+        self.solver_path = solver_path
+        self.source = solver_path or "the solver"
+        self.dist = dist if dist is not None else Distributed(device=torch.device(device or "cpu"))
+        self.device = self.dist.device
+        self.hooks = list(hooks)
+        self.progress = progress if self.dist.is_root else None
+        if weights is not None and snapshot is not None:
+            raise SolverError("--weights and --snapshot were both given; --snapshot resumes a run (its weights come "
+                              "from the snapshot), --weights starts one from a caffemodel. Give one of them.")
+        self._check_fields()
+        self.schedule = LrSchedule(self.param, self.source)
+        p = self.param
+
+        nets = solver_nets(p, solver_path)
+        seed = int(p.random_seed) if p.random_seed >= 0 else None
+        self.net = self._build(nets.train, seed, self.dist.rank, self.dist.world_size)
+        self._check_train_net()
+        self.test_specs = nets.tests
+        self.test_nets = []
+        if self.dist.is_root:
+            self.test_nets = [self._build(spec, seed, 0, 1) for spec in nets.tests]
+
+        if snapshot is None:
+            if weights is not None:
+                files = split_weights(weights)
+            else:
+                files = [resolve_path(w, solver_path, "weights") for w in split_weights(p.weights)]
+            for path in files:
+                _log.info("Finetuning from %s", path)
+                for net in [self.net, *self.test_nets]:
+                    net.load_weights(path)
+        elif p.weights:
+            _log.info("Resuming from %s: the solver's weights (%s) are ignored", snapshot, ", ".join(p.weights))
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        for net in self.test_nets:
+            net.share_from(self.net)
+
+        params = self.net.learnable_params
+        self.rule = create_rule(p, params, self.source)
+        self.sparsity = create_sparsity(p, params, self.net.scaling_factors(), self.source)
+        self._tensors = [q.tensor for q in params]
+        if seed is not None:
+            # Fillers and data order use ``seed`` itself (identical on every process); Dropout's draws differ per
+            # process, as Caffe's seed + rank.
+            torch.manual_seed(seed + self.dist.rank)
+        elif self.dist.enabled:
+            torch.manual_seed(torch.initial_seed() + self.dist.rank)  # no seed given: still a stream per process
+        self._reducer = None
+        if self.dist.enabled:
+            broadcast_tensors(self._tensors, self.dist)
+            self._reducer = GradientReducer(self._tensors, self.dist)
+        self.precision = MixedPrecision(amp, self.device, self._tensors)
+        self._forward = _CompiledForward(self.net) if compile else self.net
+        self._loss_weights = output_loss_weights(self.net)
+
+        self.iter = 0
+        self.loss = math.nan
+        self._losses: collections.deque = collections.deque(maxlen=p.average_loss)
+        self._requests: set[Action] = set()
+        self.requested_early_exit = False
+        self.last_snapshot: Optional[str] = None
+        self._snapshot_iter: Optional[int] = None
+        self._last_outputs = None
+        self._timer = (time.monotonic(), 0)
+        self.metrics = None
+        if self.dist.is_root and metrics:
+            self.metrics = MetricsFile(p.metrics_file or p.snapshot_prefix + ".metrics.jsonl")
+        if self.dist.is_root and (p.snapshot > 0 or p.snapshot_after_train):
+            check_prefix(p.snapshot_prefix, self.iter, self.source)
+        if snapshot is not None:
+            self.restore(snapshot)
+
+    # ----- construction ----------------------------------------------------------------------------------------
+    def _check_fields(self) -> None:
+        p, src = self.param, self.source
+        if p.type not in RULES:
+            hint = [k for k in RULES if k.lower() == p.type.lower()]
+            raise SolverError(f"{src}: solver type \"{p.type}\" is unknown; the known types are {', '.join(RULES)} "
+                              f"(case-sensitive" + (f"; did you mean \"{hint[0]}\"?)." if hint else ")."))
+        if p.max_iter < 0:
+            raise SolverError(f"{src}: max_iter is {p.max_iter}; set max_iter to the number of updates to run.")
+        if p.average_loss < 1:
+            raise SolverError(f"{src}: average_loss must be at least 1, found {p.average_loss}.")
+        if p.display < 0 or p.snapshot < 0 or p.test_interval < 0:
+            raise SolverError(f"{src}: display, snapshot and test_interval must not be negative (0 turns them off).")
+        if p.snapshot_format != pb.SolverParameter.BINARYPROTO:
+            raise SolverError(f"{src}: snapshot_format HDF5 is not supported; remove snapshot_format (the default "
+                              f"BINARYPROTO writes .caffemodel and .solverstate files).")
+        if not p.snapshot_prefix and (p.snapshot > 0 or p.snapshot_after_train):
+            raise SolverError(f"{src}: snapshot_prefix is empty; set it to where snapshots go, e.g. "
+                              f"snapshot_prefix: \"snapshots/run\".")
+        for name, what in (("snapshot_diff", "gradients are not written into snapshots"),
+                           ("debug_info", "per-layer debug statistics are not logged")):
+            if getattr(p, name):
+                warnings.warn(f"{src}: {name} is set but slim ignores it ({what}).", stacklevel=3)
+
+    def _build(self, spec, seed, rank, world_size):
+        from slim.graph import build_graph
+        from slim.net import Net
+
+        graph = build_graph(spec.net, source=spec.source, state=spec.state)
+        phase = "TRAIN" if spec.state.phase == pb.TRAIN else "TEST"
+        _log.info("Creating %s net from %s", phase.lower(), spec)
+        return Net(graph, seed=seed, device=self.device, rank=rank, world_size=world_size, data_seed=seed)
+
+    def _check_train_net(self) -> None:
+        g = self.net.graph
+        if g.inputs:
+            raise SolverError(f"{g.source}: the train net has Input blobs ({', '.join(g.inputs)}) that nothing feeds "
+                              f"during training. Replace the Input layer by a data layer (SlimData, Data, ImageData, "
+                              f"MemoryData or DummyData).")
+        if not g.loss_layers:
+            raise SolverError(f"{g.source}: the train net has no loss (no layer with a non-zero loss_weight), so there "
+                              f"is nothing to minimise. Add a loss layer such as SoftmaxWithLoss.")
+
+    # ----- requests (signals, hooks) ---------------------------------------------------------------------------
+    def request(self, action: Action) -> None:
+        """Ask for a snapshot or a stop at the end of the current iteration (what a signal handler calls)."""
+        action = Action(action)
+        if action is not Action.NONE:
+            self._requests.add(action)
+
+    # ----- the loop --------------------------------------------------------------------------------------------
+    @property
+    def smoothed_loss(self) -> float:
+        """The mean of the last ``average_loss`` losses, what the display lines print (nan before any)."""
+        return sum(self._losses) / len(self._losses) if self._losses else math.nan
+
+    def _zero_grads(self) -> None:
+        # Caffe's ClearParamDiffs. None lets autograd write the first pass's gradient without a separate memset;
+        # with several processes the gradients live in the reducer's flat buffers, which it zeroes.
+        for t in self._tensors:
+            if self._reducer is None or not t.requires_grad:
+                t.grad = None
+        if self._reducer is not None:
+            self._reducer.zero()
+
+    def _test_due(self) -> bool:
+        p = self.param
+        return bool(p.test_interval) and self.iter % p.test_interval == 0 and (self.iter > 0 or p.test_initialization)
+
+    def _forward_backward(self) -> torch.Tensor:
+        with self.precision.autocast():
+            out = self._forward()
+        self.precision.backward(out.loss)
+        self._last_outputs = out
+        return out.loss.detach().float()
+
+    def step(self, iters: int) -> None:
+        """Run ``iters`` iterations (fewer if a stop is requested), as Caffe's ``Solver::Step``.
+
+        Raises:
+            SolverError: the loss became NaN or infinite, or another process failed.
+        """
+        p = self.param
+        stop_iter = self.iter + iters
+        self.requested_early_exit = False
+        self._timer = (time.monotonic(), self.iter)  # Caffe's iteration_timer_ starts with Step
+        while self.iter < stop_iter:
+            failure: Optional[BaseException] = None
+            loss_value = math.nan
+            display = False
+            try:
+                self._zero_grads()
+                for hook in self.hooks:
+                    hook.before_step(self)
+                if self._test_due() and self.dist.is_root:
+                    self.test_all()
+                display = p.display > 0 and self.iter % p.display == 0
+                loss = None
+                for _ in range(p.iter_size):
+                    pass_loss = self._forward_backward()
+                    loss = pass_loss if loss is None else loss + pass_loss
+                loss_value = float(loss) / p.iter_size
+            except Exception as e:  # shared with the other processes below, then raised
+                if not self.dist.enabled:
+                    raise
+                # Said now, before the others learn of it and stop: a launcher may end this process soon after.
+                _log.error("Iteration %d: process %d failed: %s", self.iter, self.dist.rank, e,
+                           exc_info=not isinstance(e, SlimError))
+                failure = e
+            local = {"failed": failure is not None, "stop": Action.STOP in self._requests,
+                     "snapshot": Action.SNAPSHOT in self._requests, "nonfinite": not math.isfinite(loss_value)}
+            self._requests.clear()
+            flags = [float(local[name]) for name in FLAGS]
+            if self._reducer is not None:
+                flags = self._reducer.all_reduce(flags)
+            summed = dict(zip(FLAGS, flags))
+            if summed["failed"]:
+                if failure is not None:
+                    raise failure
+                raise SolverError(f"Iteration {self.iter}: {int(summed['failed'])} other training process(es) failed "
+                                  f"(their messages are above); this process stops too.")
+            if summed["nonfinite"]:
+                self._diverged(loss_value)
+            self.loss = loss_value
+            self._losses.append(loss_value)
+            record = self._display() if display and self.dist.is_root else None
+            self._apply_update(display, record)
+            self.iter += 1
+            for hook in self.hooks:
+                hook.after_step(self)
+            if self.progress is not None:
+                self.progress.update(self.iter, p.max_iter, self.smoothed_loss)
+            if (p.snapshot and self.iter % p.snapshot == 0) or summed["snapshot"]:
+                self.snapshot()
+            if summed["stop"]:
+                self.requested_early_exit = True
+                _log.info("Iteration %d: stop requested", self.iter)
+                break
+
+    def _diverged(self, loss_value: float):
+        where = f" (loss {fmt(loss_value)} on this process)" if not math.isfinite(loss_value) else \
+            " (on another process)"
+        keep = (f"The last snapshot, {self.last_snapshot}, is kept; resume from it" if self.last_snapshot
+                else "No snapshot was written; restart")
+        raise SolverError(f"Iteration {self.iter}: the loss is not finite{where}, so training stopped before this "
+                          f"update and no snapshot of these weights is written. {keep} with a lower base_lr, or set "
+                          f"clip_gradients.")
+
+    def _display(self) -> dict:
+        p = self.param
+        now = time.monotonic()
+        t0, i0 = self._timer
+        lapse = now - t0
+        per_s = (self.iter - i0) / (lapse if lapse else 1.0)
+        self._timer = (now, self.iter)
+        _log.info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s", self.iter, fmt(per_s), fmt(lapse), p.display,
+                  fmt(self.smoothed_loss))
+        scores = output_scores(self._last_outputs, self._loss_weights)
+        for k, s in enumerate(scores):
+            _log.info("    Train net output #%d: %s", k, s)
+        record = {"kind": "train", "iter": self.iter, "loss": self.smoothed_loss, "iter_per_s": per_s,
+                  "outputs": Evaluation(0, scores, 0.0).as_dict()}
+        if self.sparsity.targets:
+            stats = self.sparsity.stats()
+            _log.info("    %s", stats)
+            record["gamma"] = {"count": stats.count, "below_1e2": stats.below_1e2, "below_1e3": stats.below_1e3,
+                               "min": stats.min_abs, "median": stats.median_abs}
+        return record
+
+    def _apply_update(self, display: bool, record: Optional[dict]) -> None:
+        rate = self.schedule.rate(self.iter)
+        if display:
+            _log.info("Iteration %d, lr = %s", self.iter, fmt(rate))
+        if record is not None:
+            record["lr"] = rate
+            if self.metrics is not None:
+                self.metrics.write(record)
+        hooks = [self.sparsity] if self.sparsity.penalty else []
+        self.precision.step(lambda: self.rule.apply_update(rate, self.iter, gradient_hooks=hooks))
+
+    def solve(self) -> bool:
+        """Train from the current iteration to ``max_iter``, as Caffe's ``Solver::Solve``.
+
+        Returns:
+            True when training reached max_iter, False when a stop was requested.
+
+        Raises:
+            SolverError: training diverged or another process failed.
+        """
+        p = self.param
+        _log.info("Solving %s", self.net.graph.name or "(unnamed net)")
+        _log.info("Learning Rate Policy: %s", p.lr_policy)
+        try:
+            self.step(p.max_iter - self.iter)
+            if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0) \
+                    and self._snapshot_iter != self.iter:
+                self.snapshot()
+            if self.requested_early_exit:
+                _log.info("Optimization stopped early.")
+                return False
+            if self.dist.is_root and p.display and self.iter % p.display == 0:
+                # Caffe's last display: one forward-only pass (it reads a batch and, in TRAIN phase, moves the
+                # BatchNorm statistics, as Caffe's does).
+                with torch.no_grad(), self.precision.autocast():
+                    out = self._forward()
+                self._losses.append(float(out.loss))
+                _log.info("Iteration %d, loss = %s", self.iter, fmt(self.smoothed_loss))
+            if self.dist.is_root and p.test_interval and self.iter % p.test_interval == 0:
+                self.test_all()
+            _log.info("Optimization Done.")
+            return True
+        finally:
+            if self.progress is not None:
+                self.progress.close()
+
+    # ----- testing ---------------------------------------------------------------------------------------------
+    def test_all(self) -> list[Optional[Evaluation]]:
+        """Test every test net (root process only), as Caffe's ``TestAll``."""
+        return [self.test(i) for i in range(len(self.test_nets))]
+
+    def test(self, i: int) -> Optional[Evaluation]:
+        """Run test net ``i`` for its ``test_iter`` passes on the current weights and log the means.
+
+        Returns:
+            The evaluation, or None if a stop request cut it short.
+        """
+        _log.info("Iteration %d, Testing net (#%d)", self.iter, i)
+        if self.progress is not None:
+            self.progress.clear()
+        ev = evaluate(self.test_nets[i], self.test_specs[i].test_iter, autocast=self.precision.autocast,
+                      should_stop=lambda: Action.STOP in self._requests)
+        if ev is None:
+            _log.info("Test of net #%d interrupted by a stop request", i)
+            return None
+        if self.param.test_compute_loss:
+            _log.info("Test loss: %s", fmt(ev.loss))
+        for k, s in enumerate(ev.scores):
+            _log.info("    Test net output #%d: %s", k, s)
+        if self.metrics is not None:
+            record = {"kind": "test", "iter": self.iter, "net": i, "outputs": ev.as_dict()}
+            if self.param.test_compute_loss:
+                record["loss"] = ev.loss
+            self.metrics.write(record)
+        return ev
+
+    # ----- snapshots -------------------------------------------------------------------------------------------
+    def snapshot(self) -> Optional[str]:
+        """Write ``prefix_iter_N.caffemodel`` and ``.solverstate`` (root process; every process must call it).
+
+        Returns:
+            The solverstate path on the root process, None elsewhere.
+
+        Raises:
+            SolverError: the weights are not finite (the previous snapshot is kept).
+        """
+        rng = all_gather_bytes(torch.get_rng_state().numpy().tobytes(), self.dist)
+        cuda_rng = []
+        if self.device.type == "cuda":
+            cuda_rng = all_gather_bytes(torch.cuda.get_rng_state(self.device).numpy().tobytes(), self.dist)
+        self._snapshot_iter = self.iter
+        if not self.dist.is_root:
+            return None
+        with torch.no_grad():
+            norms = torch._foreach_norm([t for t in self._tensors if t.numel()])
+            finite = bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
+        if not finite:
+            self._diverged_weights()
+        if self.progress is not None:
+            self.progress.clear()
+        states = self.net.data_state()
+        if len(set(states)) > 1:
+            _log.warning("The train net's data layers are at different positions %s; a snapshot keeps the first, so "
+                         "a resumed run reads the others from there too.", states)
+        _, state_path = write_snapshot(
+            self.param.snapshot_prefix, self.iter, self.net, current_step=self.schedule.current_step,
+            history=self.rule.history, rng_states=rng, cuda_rng_states=cuda_rng,
+            data_state=states[0] if states else None, smoothed_loss=list(self._losses),
+            world_size=self.dist.world_size)
+        self.last_snapshot = state_path
+        return state_path
+
+    def _diverged_weights(self):
+        keep = f"the last snapshot, {self.last_snapshot}, is kept" if self.last_snapshot else "no snapshot was written"
+        raise SolverError(f"Iteration {self.iter}: the weights are no longer finite, so this snapshot is not written "
+                          f"({keep}). Lower base_lr or set clip_gradients.")
+
+    def restore(self, path: str) -> None:
+        """Resume from a solverstate (and its caffemodel), as Caffe's ``Solver::Restore``.
+
+        Raises:
+            SolverError: the history does not match the net, the process count differs, a file is missing.
+            WeightsError: the caffemodel does not fit the net.
+        """
+        _log.info("Restoring previous solver status from %s", path)
+        state: ResumeState = read_snapshot(path, self.dist.world_size)
+        if state.learned_net is not None:
+            self.net.load_weights(state.learned_net)
+        self.rule.load_history(state.history)
+        self.iter = state.iter
+        self.schedule.current_step = state.current_step
+        if state.rng_states is not None:
+            torch.set_rng_state(torch.frombuffer(bytearray(state.rng_states[self.dist.rank]), dtype=torch.uint8))
+        if state.cuda_rng_states is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(torch.frombuffer(bytearray(state.cuda_rng_states[self.dist.rank]),
+                                                      dtype=torch.uint8), self.device)
+        if state.data_state is not None:
+            self.net.load_data_state([state.data_state] * len(self.net.data_state()))
+        elif state.world_size is None:
+            _log.warning("%s was not written by slim: the data order restarts and random streams differ from the "
+                         "run that wrote it.", path)
+        self._losses.clear()
+        self._losses.extend(state.smoothed_loss)
+        self._timer = (time.monotonic(), self.iter)
+        self.last_snapshot = os.fspath(path)
+        self._snapshot_iter = self.iter
+        if self.metrics is not None:
+            self.metrics.truncate_from(self.iter)
+
+
+class _CompiledForward:
+    """The train net's forward through ``torch.compile``; on a failure at the first call, eager with a warning.
+
+    The data position is put back before falling back, so the failed attempt consumes no batch.
+    """
+
+    def __init__(self, net) -> None:
+        self.net = net
+        self.compiled = torch.compile(net)
+        self.checked = False
+
+    def __call__(self):
+        if self.checked:
+            return self.compiled()
+        data_state = self.net.data_state()
+        try:
+            out = self.compiled()
+        except SlimError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
+            warnings.warn(f"torch.compile failed on the train net ({type(e).__name__}: {e}); training continues "
+                          f"without --compile.", stacklevel=2)
+            self.net.load_data_state(data_state)
+            self.compiled = self.net
+            out = self.net()
+        self.checked = True
+        return out

@@ -1,0 +1,99 @@
+"""``slim train`` and ``slim test`` (caffe train / caffe test), tools/solve.py, and the demo's solver."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slim.cli import main
+from slim.io import read_solver
+from slim.solver import Solver
+from slim.solver.logs import reset_logging
+from solver_helpers import tiny_net, write_solver
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _logging():
+    yield
+    reset_logging()  # the commands install a stdout handler; do not leave it pointing at a captured stream
+
+
+def test_train_runs_to_the_end_with_caffes_lines(tmp_path, capsys):
+    path = write_solver(tmp_path, tiny_net(), max_iter=4, display=2, test_iter=1, test_interval=4,
+                        snapshot_after_train=True)
+    assert main(["train", "--solver", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Solving tiny" in out and "Iteration 2, lr = 0.1" in out and "Test net output #0: acc = " in out
+    assert out.rstrip().endswith("Optimization Done.")
+    assert (tmp_path / "solver_iter_4.caffemodel").exists() and (tmp_path / "solver_iter_4.solverstate").exists()
+    # Resume from the final snapshot: nothing left to train, the run ends at once.
+    assert main(["train", "--solver", str(path), "--snapshot", str(tmp_path / "solver_iter_4.solverstate")]) == 0
+    assert "Restoring previous solver status" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--weights", "a.caffemodel", "--snapshot", "b.solverstate"], "--weights and --snapshot were both given"),
+    (["--gpus", "0", "--procs", "2"], "--gpus and --procs were both given"),
+    (["--gpus", "x"], "--gpus must be 'all' or comma-separated GPU ids"),
+    (["--snapshot", "missing.solverstate"], "--snapshot missing.solverstate does not exist"),
+])
+def test_train_flag_errors_are_one_line_with_status_2(tmp_path, capsys, args, message):
+    path = write_solver(tmp_path, tiny_net())
+    assert main(["train", "--solver", str(path), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.startswith("slim train: error: ")
+
+
+def test_train_without_cuda_refuses_gpus(tmp_path, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    path = write_solver(tmp_path, tiny_net())
+    assert main(["train", "--solver", str(path), "--gpus", "all"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_test_prints_each_batch_and_the_means(tmp_path, capsys):
+    path = write_solver(tmp_path, tiny_net(test_batch=60), max_iter=2, snapshot_after_train=True)
+    Solver(path, metrics=False).solve()
+    net = tmp_path / "solver_net.prototxt"
+    assert main(["test", "--model", str(net), "--weights", str(tmp_path / "solver_iter_2.caffemodel"),
+                 "--iterations", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "Running for 3 iterations." in out
+    batches = [float(v) for v in re.findall(r"Batch \d, acc = ([\d.e+-]+)", out)]
+    losses = [float(v) for v in re.findall(r"Batch \d, loss = ([\d.e+-]+)", out)]
+    assert len(batches) == len(losses) == 3
+    mean_acc = float(re.search(r"\] acc = ([\d.e+-]+)", out).group(1))
+    mean_loss = re.search(r"\] loss = ([\d.e+-]+) \(\* 1 = ([\d.e+-]+) loss\)", out)
+    assert mean_acc == pytest.approx(np.mean(batches), rel=1e-5)
+    assert float(mean_loss.group(1)) == pytest.approx(np.mean(losses), rel=1e-5)
+    assert float(re.search(r"Loss: ([\d.e+-]+)", out).group(1)) == pytest.approx(np.mean(losses), rel=1e-5)
+    assert main(["test", "--model", str(net), "--weights", ""]) == 2
+
+
+def test_tools_solve_is_the_train_command(tmp_path):
+    path = write_solver(tmp_path, tiny_net(), max_iter=2, snapshot_after_train=True)
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "solve.py"), "--solver", str(path), "--quiet"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "solver_iter_2.caffemodel").exists()
+
+
+def test_the_demo_baseline_solver_trains(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # net paths are read from the working directory, as Caffe
+    param = read_solver("solvers/demo_digits_baseline.prototxt")
+    assert param.max_iter == 300 and param.net == "nets/demo_digits.prototxt"
+    param.max_iter, param.test_interval = 20, 20
+    param.snapshot_prefix = str(tmp_path / "demo")
+    solver = Solver(param, solver_path="solvers/demo_digits_baseline.prototxt")
+    solver.param.test_initialization = False
+    solver.solve()
+    ev = solver.test(0)
+    assert ev.as_dict()["accuracy"] > 0.5 and solver.loss < 1.5  # chance is 0.1 and 2.3
+    assert (tmp_path / "demo_iter_20.caffemodel").exists()
