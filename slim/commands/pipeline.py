@@ -1,0 +1,32 @@
+"""``slim pipeline``: sparse training, pruning and fine-tuning chained (multi-pass with --passes)."""
+
+
+def register(sub):
+    p = sub.add_parser("pipeline", help="sparse training -> prune -> fine-tune, repeated --passes times")
+    p.add_argument("--solver", required=True, help="the sparse-training solver (its net: is the net to slim)")
+    p.add_argument("--finetune-solver", required=True, help="the fine-tuning solver (its net is replaced by the "
+                                                             "pruned net)")
+    p.add_argument("--percent", type=float, required=True, help="fraction of channels to prune in each pass")
+    p.add_argument("--passes", type=int, default=1, help="number of sparse/prune/fine-tune passes (default 1)")
+    p.add_argument("--weights", help="initial weights for the first sparse training")
+    p.add_argument("--out", default="pipeline", help="output folder (default pipeline)")
+    p.add_argument("--criterion", default="slimming", help="importance criterion (default slimming)")
+    p.add_argument("--max-prune-per-layer", type=float, default=1.0,
+                   help="at most this fraction of any layer per pass (the paper's multi-pass used 0.5)")
+    p.add_argument("--absorb-bias", action="store_true", help="fold removed channels' constants into next biases")
+    p.add_argument("--gpu", default=None, help="GPU id (default CPU)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+    import logging
+
+    from slim.pipeline import run_pipeline
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    report = run_pipeline(args.solver, args.finetune_solver, args.percent, passes=args.passes, out_dir=args.out,
+                          weights=args.weights, absorb_bias=args.absorb_bias,
+                          policy_kwargs={"criterion": args.criterion, "max_prune": args.max_prune_per_layer},
+                          device=f"cuda:{args.gpu}" if args.gpu is not None else None)
+    print(json.dumps(report["passes"], indent=2))
+    return 0

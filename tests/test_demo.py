@@ -1,0 +1,56 @@
+"""slim demo and slim pipeline, end to end on the built-in digits with very short training."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from slim.cli import main
+from slim.demo import run_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs_every_stage_and_writes_its_files(tmp_path):
+    result = run_demo(tmp_path / "demo", max_iter=24, measure_repeats=2, echo=lambda *a: None)
+    names = [s.name for s in result.stages]
+    assert names == ["baseline", "sparse", "pruned (no fine-tune)", "pruned + absorb-bias", "fine-tuned"]
+    assert all(0.0 <= s.accuracy <= 1.0 for s in result.stages)
+    base, last = result.stages[0], result.stages[-1]
+    assert last.params < base.params and last.macs < base.macs
+    assert result.pruned_fraction == pytest.approx(0.6, abs=0.01)
+    assert result.theoretical_speedup == pytest.approx(base.macs / last.macs)
+    assert all(s.latency_ms > 0 and s.speedup > 0 for s in result.stages)
+    report = json.loads(Path(result.files["report"]).read_text())
+    assert [s["name"] for s in report["stages"]] == names
+    for key in ("net", "baseline", "sparse", "pruned", "pruned_caffemodel", "pruned_report", "finetune", "plots"):
+        assert Path(result.files[key]).exists(), key
+    table = result.table()
+    assert "fine-tuned" in table and "theoretical speed-up" in table
+
+
+def test_demo_command_checks_its_flags(capsys):
+    assert main(["demo", "--percent", "1.5"]) == 2
+    assert "--percent" in capsys.readouterr().err
+
+
+def test_pipeline_two_passes(tmp_path, monkeypatch):
+    from slim.io import read_solver, write_solver
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nets").mkdir()
+    shutil.copy(ROOT / "nets" / "demo_digits.prototxt", tmp_path / "nets")
+    for stage in ("sparse", "finetune"):
+        s = read_solver(ROOT / "solvers" / f"demo_digits_{stage}.prototxt")
+        s.max_iter, s.test_interval, s.display = 12, 6, 6
+        del s.stepvalue[:]
+        s.stepvalue.extend([6, 9])
+        write_solver(s, tmp_path / f"{stage}.prototxt")
+    assert main(["pipeline", "--solver", "sparse.prototxt", "--finetune-solver", "finetune.prototxt",
+                 "--percent", "0.3", "--passes", "2", "--max-prune-per-layer", "0.5", "--out", "out"]) == 0
+    report = json.loads((tmp_path / "out" / "pipeline_report.json").read_text())
+    assert [p["pass"] for p in report["passes"]] == [1, 2]
+    first, second = report["passes"]
+    assert second["params"] < first["params"] < report["baseline"]["params"]
+    assert "accuracy" in first["finetune_test"][0]
+    assert Path(second["files"]["prototxt"]).exists() and Path(second["files"]["finetune"]).exists()
