@@ -458,7 +458,7 @@ def _block_letters(count: int) -> List[str]:
     return ["a"] + [f"b{i}" for i in range(1, count)]
 
 
-def resnet_imagenet(depth: int = 50, num_classes: int = 1000) -> pb.NetParameter:
+def resnet_imagenet(depth: int = 50, num_classes: int = 1000, stride_on_3x3: bool = False) -> pb.NetParameter:
     """ResNet-18/34/50/101/152 for ImageNet in KaimingHe's Caffe form (He et al. 2016).
 
     conv1 7x7/2 with BN, 3x3/2 max pooling, four stages (64, 128, 256, 512 base widths), 7x7 average pooling and
@@ -466,6 +466,8 @@ def resnet_imagenet(depth: int = 50, num_classes: int = 1000) -> pb.NetParameter
     projection shortcut (``branch1``) where the shape changes; the stride sits in the first convolution of
     ``branch2`` (the 1x1 ``branch2a`` of a bottleneck block, as in the released ResNet-50). Layer names are
     KaimingHe's (res2a_branch2a, bn2a_branch2a, scale2a_branch2a, res2a, ...), so the released weights load.
+    ``stride_on_3x3`` moves a bottleneck's stride to the 3x3 ``branch2b`` (the "v1.5" layout of torchvision and
+    most pruning papers: ResNet-50 then has 4.09 G conv+FC MACs instead of 3.86 G; the parameters are the same).
     """
     kind, counts = _RESNET_IMAGENET[depth]
     expansion = 4 if kind == "bottleneck" else 1
@@ -484,7 +486,8 @@ def resnet_imagenet(depth: int = 50, num_classes: int = 1000) -> pb.NetParameter
                 shortcut = b.conv(f"res{tag}_branch1", x, width * expansion, 1, stride)
                 shortcut = b.bn(f"bn{tag}_branch1", f"scale{tag}_branch1", shortcut)
             if kind == "bottleneck":
-                convs = (("2a", width, 1, stride), ("2b", width, 3, 1), ("2c", 4 * width, 1, 1))
+                first, second = (1, stride) if stride_on_3x3 else (stride, 1)
+                convs = (("2a", width, 1, first), ("2b", width, 3, second), ("2c", 4 * width, 1, 1))
             else:
                 convs = (("2a", width, 3, stride), ("2b", width, 3, 1))
             y = x
@@ -628,6 +631,9 @@ _register("vgg16_imagenet", vgg16_imagenet, "VGG-16 for ImageNet (ILSVRC-2012)",
 _register("resnet50_imagenet", resnet_imagenet, "ResNet-50 for ImageNet (ILSVRC-2012), KaimingHe's Caffe layout",
           _HE + '; pruned by He et al., "Channel Pruning for Accelerating Very Deep Neural Networks", ICCV 2017',
           depth=50)
+_register("resnet50v15_imagenet", resnet_imagenet,
+          "ResNet-50 for ImageNet (ILSVRC-2012), v1.5 layout: the stride on the 3x3 (torchvision's; 4.09 GMACs)",
+          _HE + "; the stride placement of torchvision's resnet50", depth=50, stride_on_3x3=True)
 _register("resnet18_imagenet", resnet_imagenet, "ResNet-18 for ImageNet (ILSVRC-2012), Caffe layout", _HE,
           depth=18)
 _register("mobilenet_v1_imagenet", mobilenet_v1, "MobileNet v1 (width 1.0) for ImageNet (ILSVRC-2012)",

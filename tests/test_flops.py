@@ -239,7 +239,8 @@ def test_resnet50_imagenet():
 
 
 @pytest.mark.parametrize("name,conv,conv_fc", [("vgg16_imagenet_deploy", 15_346_630_656, 15_470_264_320),
-                                               ("vgg19_cifar10", 398_131_200, 398_136_320)])
+                                               ("vgg19_cifar10", 398_131_200, 398_136_320),
+                                               ("resnet50v15_imagenet_deploy", 4_087_136_256, 4_089_184_256)])
 def test_zoo_vgg_files(name, conv, conv_fc):
     path = NETS / f"{name}.prototxt"
     if not path.is_file():

@@ -83,6 +83,7 @@ EXPECTED = {
     "resnet110_cifar10": (resnet_cifar_reference(110), 1.73),
     "vgg16_imagenet": (138_357_544, None),
     "resnet50_imagenet": (25_557_032, None),
+    "resnet50v15_imagenet": (25_557_032, 25.56),
     "resnet18_imagenet": (11_689_512, None),
     "mobilenet_v1_imagenet": (4_231_976, None),
     "mobilenet_v2_imagenet": (3_504_872, None),
