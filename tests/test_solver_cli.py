@@ -88,7 +88,7 @@ def test_tools_solve_is_the_train_command(tmp_path):
 def test_the_demo_baseline_solver_trains(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # net paths are read from the working directory, as Caffe
     param = read_solver("solvers/demo_digits_baseline.prototxt")
-    assert param.max_iter == 300 and param.net == "nets/demo_digits.prototxt"
+    assert param.max_iter == 800 and param.net == "nets/demo_digits.prototxt"
     param.max_iter, param.test_interval = 20, 20
     param.snapshot_prefix = str(tmp_path / "demo")
     solver = Solver(param, solver_path="solvers/demo_digits_baseline.prototxt")
