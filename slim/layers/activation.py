@@ -125,6 +125,13 @@ class Power(_Elementwise):
         return y.pow(p.power)
 
 
+def _ln_base(base: float) -> float:
+    """ln(base) for Exp and Log, where Caffe's base -1 means e."""
+    if base != -1 and base <= 0:
+        raise ValueError(f"base must be -1 (for e) or positive, found {base}")
+    return 1.0 if base == -1 else math.log(base)
+
+
 @register
 class Exp(_Elementwise):
     """y = base ^ (shift + scale * x); base -1 means e."""
@@ -132,14 +139,11 @@ class Exp(_Elementwise):
     type = "Exp"
 
     def check(self):
-        base = self.param.exp_param.base
-        if base != -1 and base <= 0:
-            raise ValueError(f"base must be -1 (for e) or positive, found {base}")
+        _ln_base(self.param.exp_param.base)
 
     def apply(self, x, blobs):
         p = self.param.exp_param
-        ln_base = 1.0 if p.base == -1 else math.log(p.base)
-        return torch.exp(ln_base * (p.shift + p.scale * x))
+        return torch.exp(_ln_base(p.base) * (p.shift + p.scale * x))
 
 
 @register
@@ -149,14 +153,12 @@ class Log(_Elementwise):
     type = "Log"
 
     def check(self):
-        base = self.param.log_param.base
-        if base != -1 and base <= 0:
-            raise ValueError(f"base must be -1 (for e) or positive, found {base}")
+        _ln_base(self.param.log_param.base)
 
     def apply(self, x, blobs):
         p = self.param.log_param
         y = torch.log(p.shift + p.scale * x)
-        return y if p.base == -1 else y / math.log(p.base)
+        return y if p.base == -1 else y / _ln_base(p.base)
 
 
 @register
