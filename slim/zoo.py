@@ -616,11 +616,16 @@ def _register(name: str, generator: Callable[..., pb.NetParameter], title: str, 
 for _classes in (10, 100):
     _register(f"vgg19_cifar{_classes}", vgg_cifar, f"VGG-19 with BatchNorm for CIFAR-{_classes}", _LIU,
               depth=19, num_classes=_classes)
-_register("resnet164_cifar10", preresnet_bottleneck_cifar,
-          "Pre-activation ResNet-164 (bottleneck, 16-64-128-256) for CIFAR-10",
-          _LIU + '; He et al., "Identity Mappings in Deep Residual Networks", ECCV 2016', depth=164)
-_register("densenet40_cifar10", densenet_cifar, "DenseNet-40 (growth 12, no compression) for CIFAR-10",
-          _LIU + '; Huang et al., "Densely Connected Convolutional Networks", CVPR 2017', depth=40, growth=12)
+for _classes in (10, 100):
+    _register(f"resnet164_cifar{_classes}", preresnet_bottleneck_cifar,
+              f"Pre-activation ResNet-164 (bottleneck, 16-64-128-256) for CIFAR-{_classes}",
+              _LIU + '; He et al., "Identity Mappings in Deep Residual Networks", ECCV 2016', depth=164,
+              num_classes=_classes)
+for _classes in (10, 100):
+    _register(f"densenet40_cifar{_classes}", densenet_cifar,
+              f"DenseNet-40 (growth 12, no compression) for CIFAR-{_classes}",
+              _LIU + '; Huang et al., "Densely Connected Convolutional Networks", CVPR 2017', depth=40, growth=12,
+              num_classes=_classes)
 for _depth in (20, 32, 56, 110):
     _register(f"resnet{_depth}_cifar10", resnet_cifar,
               f"ResNet-{_depth} (basic blocks, parameter-free option-A shortcuts) for CIFAR-10",

@@ -77,6 +77,8 @@ EXPECTED = {
     "vgg19_cifar100": (vgg_cifar_reference(VGG_CFGS[19], 100), 20.08),
     "resnet164_cifar10": (preresnet164_reference(), 1.70),
     "densenet40_cifar10": (densenet40_reference(), 1.02),
+    "resnet164_cifar100": (preresnet164_reference(100), None),
+    "densenet40_cifar100": (densenet40_reference(100), None),
     "resnet20_cifar10": (resnet_cifar_reference(20), 0.27),
     "resnet32_cifar10": (resnet_cifar_reference(32), 0.46),
     "resnet56_cifar10": (resnet_cifar_reference(56), 0.85),

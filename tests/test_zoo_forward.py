@@ -12,7 +12,7 @@ DEPLOY = sorted(p.name for p in NETS.glob("*_deploy.prototxt"))
 
 
 def test_the_zoo_has_deploy_nets():
-    assert len(DEPLOY) == 15
+    assert len(DEPLOY) == 17
 
 
 @pytest.mark.parametrize("name", DEPLOY)
