@@ -419,6 +419,9 @@ def _parse(text: str, message, source: str, allow_unknown_fields: bool) -> None:
     if not isinstance(text, str):
         raise TypeError(f"expected the prototxt text as str, got {type(text).__name__}; read files with read_net "
                         f"or read_solver")
+    if "ceil_mode" not in text and _parse_plain(text, message):
+        _check_required(message, source)
+        return
     scanner = _Scanner(text, message.DESCRIPTOR)
     lines = _Lines(text)
     problems = [(bad.start, f'{_describe(bad.frame)}: ceil_mode (OpenCV\'s spelling of round_mode) must be true or '
@@ -451,6 +454,23 @@ def _parse(text: str, message, source: str, allow_unknown_fields: bool) -> None:
                              f"{str(found.ceil).lower()} and round_mode: {name}, which disagree. Keep one of them.")
         pooling.round_mode = mode
 
+    _check_required(message, source)
+    if scanner.unknown:
+        warnings.warn(_skipped_warning(scanner.unknown, lines, source), UnknownFieldWarning, stacklevel=3)
+
+
+def _parse_plain(text: str, message) -> bool:
+    """The fast path: protobuf's strict parse alone, for the usual file with nothing to report or rewrite. False
+    (and ``message`` cleared) when it fails; the scanning path then finds and explains the problem."""
+    try:
+        text_format.Parse(text, message)
+        return True
+    except Exception:
+        message.Clear()
+        return False
+
+
+def _check_required(message, source: str) -> None:
     # Caffe's C++ parser refuses a message whose required fields are missing (only ClipParameter has any).
     missing = message.FindInitializationErrors()
     if missing:
@@ -461,8 +481,6 @@ def _parse(text: str, message, source: str, allow_unknown_fields: bool) -> None:
             named.append(f'{path} (layer "{layer.name}")' if layer is not None and layer.name else path)
         raise ParseError(f"{source}: required field(s) missing: {', '.join(named)}. Caffe's parser refuses such a "
                          f"file; add the missing values.")
-    if scanner.unknown:
-        warnings.warn(_skipped_warning(scanner.unknown, lines, source), UnknownFieldWarning, stacklevel=3)
 
 
 def _read_text(path: PathLike) -> str:
