@@ -38,8 +38,8 @@ class LearnableParam:
     layer: str
     index: int
     tensor: nn.Parameter
-    lr_mult: float
-    decay_mult: float
+    lr_mult: float = 1.0      # ParamSpec's defaults
+    decay_mult: float = 1.0
 
     @property
     def name(self) -> str:

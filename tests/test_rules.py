@@ -1,6 +1,5 @@
 """Caffe's update rules and ApplyUpdate order against hand computation (REFERENCE §2.1 step 8, §2.2)."""
 
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -8,6 +7,7 @@ import torch
 
 from slim import proto as pb
 from slim.errors import SolverError
+from slim.net import LearnableParam as Param
 from slim.solver import RULES, LrSchedule, create_rule
 
 SHAPES = [(4, 3, 3, 3), (4,), (4,)]     # a conv weight, its bias, a scale
@@ -23,15 +23,6 @@ RULE_FIELDS = {
     "AdaDelta": dict(momentum=0.95, delta=1e-6),
     "Adam": dict(momentum=0.9, momentum2=0.999),
 }
-
-
-@dataclass
-class Param:
-    layer: str
-    index: int
-    tensor: torch.nn.Parameter
-    lr_mult: float = 1.0
-    decay_mult: float = 1.0
 
 
 def make_params(seed=0, shapes=SHAPES, lr_mults=LR_MULTS, decay_mults=DECAY_MULTS):

@@ -1,7 +1,6 @@
 """Network slimming's sparsity penalty (Liu et al. 2017) and the scaling-factor statistics."""
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -9,16 +8,8 @@ import torch
 
 from slim import proto as pb
 from slim.errors import SolverError
+from slim.net import LearnableParam as Param
 from slim.solver import GammaStats, SparsityPenalty, create_rule, create_sparsity, gamma_stats
-
-
-@dataclass
-class Param:
-    layer: str
-    index: int
-    tensor: torch.nn.Parameter
-    lr_mult: float = 1.0
-    decay_mult: float = 1.0
 
 
 def solver_with(penalty=0.0, layers=(), **fields):
