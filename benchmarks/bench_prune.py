@@ -9,7 +9,8 @@ Then, alternately, several repetitions of:
             written once): the floor for any tool that rewrites the weights.
   prune     prune_net(percent 0.5; l1 for VGG-16, which has no BatchNorm; slimming for ResNet-50) + write_pruned
             (prototxt, caffemodel, JSON report, all-or-nothing): everything `slim prune` does after parsing
-            arguments, including reading the weights and scoring every filter.
+            arguments, including reading the weights and scoring every filter. The pruned blobs are cut block by
+            block into a reused buffer as the caffemodel is written (slim.prune.PrunedBlobs).
 
 Medians and best runs are reported (the machine may be shared: the best run is the least disturbed), with the
 ratio prune / baseline (target <= 2) and a breakdown of one prune run.
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from slim.graph import build_graph  # noqa: E402
 from slim.io import read_caffemodel, read_net, write_caffemodel  # noqa: E402
 from slim.prune import (PrunePolicy, analyze, channel_scores, load_blobs, make_plan, prune_net,  # noqa: E402
-                        transplant, write_pruned)
+                        write_pruned)
 
 NETS = {"vgg16": ("vgg16_imagenet_deploy.prototxt", "l1"), "resnet50": ("resnet50_imagenet_deploy.prototxt",
                                                                          "slimming")}
@@ -72,7 +73,7 @@ def prune(model, weights, out, criterion):
 
 
 def breakdown(model, weights, out, criterion):
-    """One prune run, timed step by step."""
+    """One prune run, timed step by step (the transplant is computed while the caffemodel is written)."""
     marks = [("start", time.perf_counter())]
     net = read_net(model)
     graph = build_graph(net)
@@ -83,16 +84,13 @@ def breakdown(model, weights, out, criterion):
     marks.append(("read weights (mmap)", time.perf_counter()))
     scores = channel_scores(analysis, blobs, criterion)
     marks.append((f"scores ({criterion})", time.perf_counter()))
-    plan = make_plan(analysis, scores, PrunePolicy(percent=0.5, criterion=criterion))
+    make_plan(analysis, scores, PrunePolicy(percent=0.5, criterion=criterion))
     marks.append(("plan", time.perf_counter()))
-    pruned = transplant(analysis, plan.keep, blobs)
-    marks.append(("transplant", time.perf_counter()))
     result = prune_net(net, weights, PrunePolicy(percent=0.5, criterion=criterion))
     t = time.perf_counter()
     write_pruned(result, out)
-    marks.append(("write (3 files, all or nothing)", time.perf_counter() - t + marks[-1][1]))
-    steps = [(name, b - a) for (_, a), (name, b) in zip(marks, marks[1:])]
-    return steps, sum(a.size for arrays in pruned.values() for a in arrays)
+    marks.append(("transplant + write (3 files, streamed, all or nothing)", time.perf_counter() - t + marks[-1][1]))
+    return [(name, b - a) for (_, a), (name, b) in zip(marks, marks[1:])]
 
 
 def main():
@@ -129,7 +127,7 @@ def main():
             print(f"  slim prune    median {p:.3f} s, best {min(pruned):.3f} s  "
                   f"(runs: {', '.join(f'{x:.3f}' for x in pruned)})")
             print(f"  ratio prune / (read + write): medians {p / b:.2f}, best runs {min(pruned) / min(base):.2f}")
-            steps, _ = breakdown(model, weights, tmp / "again", criterion)
+            steps = breakdown(model, weights, tmp / "again", criterion)
             print("  one prune run, step by step: " + "; ".join(f"{name} {dt:.3f} s" for name, dt in steps))
 
 

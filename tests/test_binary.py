@@ -703,3 +703,19 @@ def test_opencv_reads_what_slim_writes(tmp_path, rng):
     want = _caffe_forward(x.astype(np.float64), *f64["conv"], f64["bn"], *f64["scale"], *f64["ip"])
     assert got.shape == (2, 5)
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_a_streamed_blob_of_the_wrong_size_writes_nothing(tmp_path):
+    from slim.io import StreamedBlob, parse_net
+
+    net = parse_net('layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" '
+                    'inner_product_param { num_output: 2 } }')
+    target = tmp_path / "w.caffemodel"
+    target.write_bytes(b"old")
+    short = StreamedBlob((2, 3), lambda: iter([np.zeros(5, np.float32)]))
+    with pytest.raises(WeightsError, match="shape 2x3 produced 20 bytes, not 24"):
+        write_caffemodel(target, net, {"ip": [short]})
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["w.caffemodel"]
+    ok = StreamedBlob((2, 3), lambda: iter([np.arange(4, dtype=np.float32), np.arange(4, 6, dtype=np.float64)]))
+    write_caffemodel(target, net, {"ip": [ok]})
+    np.testing.assert_array_equal(read_caffemodel(target).layers[0].blobs[0], np.arange(6).reshape(2, 3))

@@ -260,3 +260,57 @@ def test_real_caffe_sigmoid_net_is_pruned_exactly_with_its_constants_folded():
     after = {c.name: c.after for c in result.report.layers}
     assert after["conv1"] == 32 and after["conv2"] == 32 and after["conv3"] < 64
     assert result.report.folded == 64 - after["conv3"] and result.report.dropped == 0
+
+
+# --- Streaming: write_pruned computes the cut blobs block by block into reused buffers; the file must hold exactly
+# what the materialised blobs hold.
+
+STREAM_CASES = {**CASES, "sigmoid": SIGMOID}
+
+
+@pytest.mark.parametrize("absorb", [False, True])
+@pytest.mark.parametrize("name", sorted(STREAM_CASES))
+def test_streamed_caffemodel_is_byte_identical_to_the_materialised_blobs(name, absorb, tmp_path, monkeypatch):
+    import slim.prune.rewrite as rewrite
+    from slim.io import read_caffemodel, write_caffemodel
+    from slim.prune import write_pruned
+
+    monkeypatch.setattr(rewrite, "_BLOCK_BYTES", 40)  # many blocks per blob, a partial one at the end
+    net = parse_net(STREAM_CASES[name], name)
+    blobs = random_blobs(net, 5)
+    criterion = "l1" if name == "sigmoid" else "slimming"
+    streamed = prune_net(net, blobs, PrunePolicy(percent=0.5, criterion=criterion), absorb_bias=absorb)
+    paths = write_pruned(streamed, tmp_path / "s")
+    assert not streamed.blobs._read, "writing must not have computed and kept the pruned blobs"
+    whole = prune_net(net, blobs, PrunePolicy(percent=0.5, criterion=criterion), absorb_bias=absorb)
+    write_caffemodel(tmp_path / "m.caffemodel", whole.net, dict(whole.blobs.items()))
+    assert paths["caffemodel"].read_bytes() == (tmp_path / "m.caffemodel").read_bytes()
+    model = read_caffemodel(paths["caffemodel"])
+    assert {layer.name for layer in model.layers if layer.blobs} == set(whole.blobs)
+    for layer in filter(lambda layer: layer.blobs, model.layers):
+        assert len(layer.blobs) == len(whole.blobs[layer.name])
+        for got, want in zip(layer.blobs, whole.blobs[layer.name]):
+            np.testing.assert_array_equal(got, np.asarray(want).reshape(got.shape))
+
+
+def test_pruned_blobs_reads_as_a_dict_and_keeps_changes(tmp_path):
+    from slim.io import read_caffemodel
+    from slim.prune import PrunedBlobs, write_pruned
+
+    net = parse_net(RESIDUAL)
+    result = prune_net(net, random_blobs(net), PrunePolicy(percent=0.5))
+    blobs = result.blobs
+    assert isinstance(blobs, PrunedBlobs)
+    assert "conv3" in blobs and "nope" not in blobs and not blobs._read   # membership computes nothing
+    assert blobs.shapes("conv3") == [a.shape for a in blobs["conv3"]]
+    assert blobs["conv3"] is blobs["conv3"]                               # computed once, the same list after
+    blobs["conv3"][1] = np.full(blobs["conv3"][1].shape, 7, np.float32)   # a change made to it is written
+    blobs["extra"] = [np.ones(1, np.float32)]
+    assert list(blobs)[-1] == "extra" and len(blobs) == len(list(blobs))
+    del blobs["extra"]
+    with pytest.raises(KeyError):
+        blobs["nope"]
+    write_pruned(result, tmp_path / "p")
+    stored = read_caffemodel(tmp_path / "p.caffemodel").blobs_by_name()
+    np.testing.assert_array_equal(stored["conv3"].blobs[1], 7)
+

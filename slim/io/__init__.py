@@ -6,14 +6,15 @@ data through Python element by element. Every write is atomic.
 """
 
 from slim.io.atomic import atomic_write
-from slim.io.binary import (CaffeModel, LayerBlobs, read_blobproto, read_caffemodel, read_solverstate,
+from slim.io.binary import (CaffeModel, LayerBlobs, StreamedBlob, read_blobproto, read_caffemodel, read_solverstate,
                             write_blobproto, write_caffemodel, write_solverstate)
-from slim.io.text import (UnknownFieldWarning, net_to_text, parse_net, parse_solver, read_net, read_solver, solver_to_text, write_net,
-                          write_solver)
+from slim.io.text import (UnknownFieldWarning, net_to_text, parse_net, parse_solver, read_net, read_solver,
+                          solver_to_text, write_net, write_solver)
 from slim.io.upgrade import upgrade_net, upgrade_solver
 
 __all__ = [
-    "atomic_write", "UnknownFieldWarning", "CaffeModel", "LayerBlobs", "read_caffemodel", "write_caffemodel", "read_solverstate",
-    "write_solverstate", "read_blobproto", "write_blobproto", "parse_net", "read_net", "write_net", "net_to_text",
-    "parse_solver", "read_solver", "write_solver", "solver_to_text", "upgrade_net", "upgrade_solver",
+    "atomic_write", "UnknownFieldWarning", "CaffeModel", "LayerBlobs", "StreamedBlob", "read_caffemodel",
+    "write_caffemodel", "read_solverstate", "write_solverstate", "read_blobproto", "write_blobproto", "parse_net",
+    "read_net", "write_net", "net_to_text", "parse_solver", "read_solver", "write_solver", "solver_to_text",
+    "upgrade_net", "upgrade_solver",
 ]

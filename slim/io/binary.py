@@ -26,7 +26,7 @@ import mmap
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 from google.protobuf import descriptor as _descriptor
@@ -38,7 +38,7 @@ from slim.io.atomic import atomic_write
 from slim.io.upgrade import upgrade_net
 
 __all__ = [
-    "CaffeModel", "LayerBlobs", "read_caffemodel", "write_caffemodel", "read_solverstate", "write_solverstate",
+    "CaffeModel", "LayerBlobs", "StreamedBlob", "read_caffemodel", "write_caffemodel", "read_solverstate", "write_solverstate",
     "read_blobproto", "write_blobproto",
 ]
 
@@ -552,6 +552,45 @@ def _pair_upgraded(path: str, net, found: list[LayerBlobs]) -> list[LayerBlobs]:
 # Wire-format writing
 
 
+class StreamedBlob:
+    """A float32 blob that ``write_caffemodel`` writes piece by piece, never holding it whole.
+
+    For a blob computed from others (a pruned weight cut from the original): the values are produced in blocks
+    into a small reused buffer and written as they come, so a large blob costs no fresh memory (on some machines
+    first-touching hundreds of MB of new pages takes longer than writing them).
+
+    Args:
+        shape: the blob's shape.
+        pieces: called once per write; yields float32 arrays whose values, in order, are the blob's values in C
+            order. A piece may be a buffer that is reused once the next piece is asked for.
+    """
+
+    dtype = np.dtype("<f4")
+
+    def __init__(self, shape: Sequence[int], pieces: Callable[[], Iterable[np.ndarray]]):
+        self.shape = tuple(int(d) for d in shape)
+        self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape, dtype=np.int64))
+        self.nbytes = self.size * self.dtype.itemsize
+        self._pieces = pieces
+
+    def __repr__(self) -> str:
+        return f"StreamedBlob({_shape_text(self.shape)})"
+
+    def write_to(self, f) -> None:
+        """Write the values; raises WeightsError when the pieces do not add up to the shape."""
+        written = 0
+        for piece in self._pieces():
+            piece = np.asarray(piece)
+            if piece.dtype != self.dtype or not piece.flags.c_contiguous:
+                piece = np.ascontiguousarray(piece, dtype=self.dtype)
+            f.write(piece.reshape(-1).view(np.uint8))
+            written += piece.nbytes
+        if written != self.nbytes:
+            raise WeightsError(f"A streamed blob of shape {_shape_text(self.shape)} produced {written:,} bytes, not "
+                               f"{self.nbytes:,}; the file was not written.")
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while value >= 0x80:
@@ -571,7 +610,10 @@ def _is_tensor(value) -> bool:
 
 
 def _as_array(value, where: str, keep_double: bool) -> np.ndarray:
-    """A blob value as a C-contiguous little-endian float32 array (float64 with ``keep_double``)."""
+    """A blob value as a C-contiguous little-endian float32 array (float64 with ``keep_double``); a StreamedBlob
+    stays one."""
+    if isinstance(value, StreamedBlob):
+        return value
     if _is_tensor(value):
         value = value.detach().cpu()
         if str(value.dtype) not in ("torch.float32", "torch.float64"):
@@ -603,7 +645,7 @@ def _blob_parts(array: np.ndarray) -> list:
 
 
 def _nbytes(part) -> int:
-    return part.nbytes if isinstance(part, np.ndarray) else len(part)
+    return part.nbytes if isinstance(part, (np.ndarray, StreamedBlob)) else len(part)
 
 
 def _field_parts(number: int, content: list) -> list:
@@ -628,11 +670,14 @@ def _write_parts(f, parts: list) -> None:
     """Write parts in order; small byte strings are gathered, arrays go straight from their memory."""
     pending: list[bytes] = []
     for part in parts:
-        if isinstance(part, np.ndarray):
+        if isinstance(part, (np.ndarray, StreamedBlob)):
             if pending:
                 f.write(b"".join(pending))
                 pending = []
-            f.write(part.reshape(-1).view(np.uint8))
+            if isinstance(part, StreamedBlob):
+                part.write_to(f)
+            else:
+                f.write(part.reshape(-1).view(np.uint8))
         else:
             pending.append(part)
     if pending:
@@ -660,8 +705,8 @@ def write_caffemodel(path, net: pb.NetParameter, blobs: Mapping[str, Sequence[An
     Args:
         path: the file to write.
         net: a V2 NetParameter; any blobs already in it are ignored.
-        blobs: layer name -> that layer's blobs (numpy arrays, torch tensors or nested lists), in Caffe's blob
-            order. Layers missing here are written without blobs. Every layer of a duplicated name gets the blobs.
+        blobs: layer name -> that layer's blobs (numpy arrays, torch tensors, nested lists or StreamedBlobs), in
+            Caffe's blob order. Layers missing here are written without blobs. Every layer of a duplicated name gets the blobs.
         keep_double: store float64 arrays as ``double_data``. By default every blob is stored as float32
             ``data``, because Caffe nets are float and OpenCV reads only ``data``.
 

@@ -15,7 +15,7 @@ from slim.prune.groups import BlobSlot, ChannelAnalysis, ChannelGroup, GroupSlot
 from slim.prune.importance import ChannelScores, channel_scores, criteria, criterion, register_criterion
 from slim.prune.plan import PrunePlan, PrunePolicy, make_plan, plan_from_kept
 from slim.prune.report import LayerChange, PruneReport
-from slim.prune.rewrite import masked_blobs, rewrite_net, transplant
+from slim.prune.rewrite import PrunedBlobs, masked_blobs, rewrite_net, transplant
 
 __all__ = [
     "prune_net", "write_pruned", "PruneResult", "load_blobs", "conv_fc_macs", "output_paths",
@@ -23,5 +23,5 @@ __all__ = [
     "register_criterion", "criterion", "criteria", "channel_scores", "ChannelScores",
     "PrunePolicy", "PrunePlan", "make_plan", "plan_from_kept",
     "PruneReport", "LayerChange",
-    "rewrite_net", "transplant", "masked_blobs",
+    "rewrite_net", "transplant", "PrunedBlobs", "masked_blobs",
 ]

@@ -26,6 +26,7 @@ import numpy as np
 
 from slim import proto as pb
 from slim.prune.groups import ChannelAnalysis
+from slim.prune.rewrite import PrunedBlobs
 
 __all__ = ["FoldResult", "channel_constants", "fold_constants"]
 
@@ -134,7 +135,7 @@ def _evaluate(node, role, xs: List[np.ndarray], blobs, torch) -> np.ndarray:
 
 
 def fold_constants(analysis: ChannelAnalysis, keep: np.ndarray, reference: Mapping[str, Sequence[np.ndarray]],
-                   pruned_net: "pb.NetParameter", pruned: Dict[str, List[np.ndarray]],
+                   pruned_net: "pb.NetParameter", pruned: PrunedBlobs,
                    everywhere: bool) -> FoldResult:
     """Fold the constants of removed channels into the biases of the pruned net (in place).
 
@@ -143,7 +144,7 @@ def fold_constants(analysis: ChannelAnalysis, keep: np.ndarray, reference: Mappi
         keep: channel id -> kept.
         reference: the masked original's blobs (the values the pruned net must reproduce).
         pruned_net: the rewritten NetParameter (a reader may get ``bias_term: true``).
-        pruned: the transplanted blobs, changed in place.
+        pruned: the transplanted blobs, changed in place (only the biases and BatchNorm means written to).
         everywhere: fold at every reader (--absorb-bias); otherwise only where the analysis found a constant.
     """
     result = FoldResult()
@@ -200,26 +201,26 @@ def _contribution(node, info, arrays, positions: np.ndarray, c: np.ndarray) -> n
     return d
 
 
-def _add_to_bias(analysis, node, net, pruned, d: np.ndarray, result: FoldResult) -> None:
-    arrays = pruned[node.name]
+def _add_to_bias(analysis, node, net, pruned: PrunedBlobs, d: np.ndarray, result: FoldResult) -> None:
     role = node.layer.channel_role()
     if any(b == 1 for b, _ in role.channel_blobs):
-        arrays[1] = (np.asarray(arrays[1], np.float64) + d.reshape(arrays[1].shape)).astype(np.float32)
+        bias = pruned.blob(node.name, 1)
+        pruned.set_blob(node.name, 1, (np.asarray(bias, np.float64) + d.reshape(np.shape(bias))).astype(np.float32))
         return
     graph = analysis.graph
     users = graph.consumers.get(node.top_ids[0], [])
     if len(node.top_ids) == 1 and len(users) == 1 and node.top_ids[0] not in graph.output_ids:
         bn = graph.layers[users[0][0]]
         if bn.type == "BatchNorm" and bn.layer.use_global_stats and bn.name in pruned:
-            stats = pruned[bn.name]
-            s = float(np.asarray(stats[2]).reshape(-1)[0])
+            s = float(np.asarray(pruned.blob(bn.name, 2)).reshape(-1)[0])
             if s != 0:
                 # The pruned reader outputs x - d; Caffe stores mean * s, and (x - d) - (mean - d) = x - mean.
-                stats[0] = (np.asarray(stats[0], np.float64) - d * s).astype(np.float32)
+                mean = np.asarray(pruned.blob(bn.name, 0), np.float64)
+                pruned.set_blob(bn.name, 0, (mean - d * s).astype(np.float32))
                 return
     for layer in net.layer:
         if layer.name == node.name and layer.type == node.type:
             param = layer.inner_product_param if node.type == "InnerProduct" else layer.convolution_param
             param.bias_term = True
-    arrays.append(d.astype(np.float32))
+    pruned.set_blob(node.name, len(pruned.shapes(node.name)), d.astype(np.float32))
     result.biased.append(node.name)

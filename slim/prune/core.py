@@ -28,7 +28,7 @@ from slim.prune.groups import ChannelAnalysis, analyze
 from slim.prune.importance import channel_scores
 from slim.prune.plan import PrunePlan, PrunePolicy, make_plan, plan_from_kept
 from slim.prune.report import LayerChange, PruneReport
-from slim.prune.rewrite import masked_blobs, rewrite_net, transplant
+from slim.prune.rewrite import PrunedBlobs, masked_blobs, rewrite_net, transplant
 
 __all__ = ["PruneResult", "prune_net", "write_pruned", "load_blobs", "conv_fc_macs", "output_paths"]
 
@@ -45,7 +45,8 @@ class PruneResult:
 
     Attributes:
         net: the rewritten NetParameter (every phase, as the input).
-        blobs: layer name -> pruned blobs (numpy arrays, Caffe's order).
+        blobs: layer name -> pruned blobs (numpy arrays, Caffe's order), a PrunedBlobs: each layer's cuts are
+            computed when first read, and write_pruned streams those never read.
         report: the PruneReport.
         plan: the PrunePlan (channel id -> kept).
         analysis: the original net's ChannelAnalysis.
@@ -54,7 +55,7 @@ class PruneResult:
     """
 
     net: "pb.NetParameter"
-    blobs: Dict[str, List[np.ndarray]]
+    blobs: PrunedBlobs
     report: PruneReport
     plan: PrunePlan
     analysis: ChannelAnalysis
@@ -212,7 +213,7 @@ def prune_net(net: Union[str, Path, "pb.NetParameter"], weights: Weights, policy
     return PruneResult(pruned_net, pruned, report, plan, analysis, blobs, absorb_bias)
 
 
-def _carry_other_phases(model, graph: NetGraph, net: "pb.NetParameter", pruned: Dict[str, List[np.ndarray]]) -> None:
+def _carry_other_phases(model, graph: NetGraph, net: "pb.NetParameter", pruned: PrunedBlobs) -> None:
     """Blobs of layers outside the analysed phase (a TRAIN-only layer) go through unchanged."""
     in_graph = {n.name for n in graph.layers}
     stored = model.blobs_by_name()
@@ -251,7 +252,8 @@ def write_pruned(result: PruneResult, output: Union[str, Path], report: Optional
                              f"another --output.")
     temps = {key: path.with_name(f".{path.name}.{os.getpid()}.partial") for key, path in paths.items()}
     try:
-        write_caffemodel(temps["caffemodel"], result.net, result.blobs)
+        blobs = result.blobs
+        write_caffemodel(temps["caffemodel"], result.net, blobs.streamed() if isinstance(blobs, PrunedBlobs) else blobs)
         r = result.report
         header = (f"# Pruned by `slim prune` from {r.model} and {r.weights}: {r.removed} of {r.prunable} prunable "
                   f"channels removed ({r.fraction:.2%}).\n"

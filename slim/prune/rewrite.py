@@ -5,7 +5,8 @@
   Slice on the channel axis. Everything else, layers of other phases included, stays as it was.
 * ``transplant`` cuts every channel-indexed blob axis down to its kept positions, by index: convolution weights on
   both axes (within each group for grouped convolutions), biases, BatchNorm mean and variance (its scale factor is
-  not per channel), Scale gamma and beta, Bias, PReLU slopes, and InnerProduct columns in C x H x W order.
+  not per channel), Scale gamma and beta, Bias, PReLU slopes, and InnerProduct columns in C x H x W order. The
+  result, PrunedBlobs, computes a cut when it is read, or streams it block by block into the .caffemodel.
 * ``masked_blobs`` is the reference the pruned net equals: the original with every removed channel silenced. By
   default every parameter that produces it is zeroed (filter and bias of its producers, BatchNorm mean, Scale gamma
   and beta, Bias), so it is zero wherever it is read; for ``--absorb-bias`` only the Scale gamma is zeroed where
@@ -14,14 +15,15 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence
+from collections.abc import MutableMapping
+from typing import Dict, Iterator, List, Mapping, Sequence
 
 import numpy as np
 
 from slim import proto as pb
 from slim.prune.groups import ChannelAnalysis
 
-__all__ = ["rewrite_net", "transplant", "masked_blobs", "kept_positions"]
+__all__ = ["rewrite_net", "transplant", "PrunedBlobs", "masked_blobs", "kept_positions"]
 
 
 def kept_positions(channels: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -74,29 +76,172 @@ def _slice_change(counts: List[int]):
 
 
 def transplant(analysis: ChannelAnalysis, keep: np.ndarray,
-               blobs: Mapping[str, Sequence[np.ndarray]]) -> Dict[str, List[np.ndarray]]:
+               blobs: Mapping[str, Sequence[np.ndarray]]) -> "PrunedBlobs":
     """The blobs of the pruned net: every channel-indexed axis cut to its kept positions.
 
-    Blobs that lose nothing are passed through as they are (no copy), so a read-only memory map stays one.
+    The cuts are computed when a layer's blobs are first read, or block by block while they are written (see
+    PrunedBlobs); blobs that lose nothing are passed through as they are (no copy), so a read-only memory map stays
+    one.
     """
     cuts: Dict[tuple, Dict[int, np.ndarray]] = {}    # (layer, blob) -> axis -> kept positions
     for slot in analysis.slots:
         idx = kept_positions(slot.channels, keep)
         if len(idx) < len(slot.channels):
             cuts.setdefault((slot.layer, slot.blob), {})[slot.axis] = idx
-    out: Dict[str, List[np.ndarray]] = {}
+    layers: Dict[str, List[object]] = {}
     for node in analysis.graph.layers:
         if node.name not in blobs or not node.blob_shapes:
             continue
-        arrays = list(blobs[node.name])
-        for i, array in enumerate(arrays):
-            # One np.take per cut axis, the outer axis first: measured 2.5-3x faster than a single np.ix_ gather
-            # on conv weights cut on both axes.
-            for axis, idx in sorted(cuts.get((node.name, i), {}).items()):
-                array = np.take(array, idx, axis=axis)
-            arrays[i] = array
-        out[node.name] = arrays
-    return out
+        layers[node.name] = [_Cut(array, cuts[(node.name, i)]) if (node.name, i) in cuts else array
+                             for i, array in enumerate(blobs[node.name])]
+    return PrunedBlobs(layers)
+
+
+class _Cut:
+    """A blob of the pruned net not yet computed: the original and, per cut axis, the kept positions."""
+
+    def __init__(self, source: np.ndarray, cuts: Dict[int, np.ndarray]):
+        self.source = source
+        self.cuts = sorted(cuts.items())              # the outer axis first
+        shape = list(np.shape(source))
+        for axis, idx in self.cuts:
+            shape[axis] = len(idx)
+        self.shape = tuple(shape)
+
+    def array(self) -> np.ndarray:
+        array = self.source
+        # One np.take per cut axis, the outer axis first: measured 2.5-3x faster than a single np.ix_ gather on conv
+        # weights cut on both axes.
+        for axis, idx in self.cuts:
+            array = np.take(array, idx, axis=axis)
+        return array
+
+    def pieces(self, buffers: "_Buffers") -> Iterator[np.ndarray]:
+        """The cut blob in C order, a block of outer rows at a time, computed into reused buffers."""
+        rows = self.shape[0]
+        row_bytes = max(1, int(np.prod(self.source.shape[1:], dtype=np.int64))) * 4  # the widest block: uncut
+        step = max(1, _BLOCK_BYTES // row_bytes)
+        outer = self.cuts[0][1] if self.cuts[0][0] == 0 else None
+        inner = self.cuts[1:] if outer is not None else self.cuts
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            if outer is not None:
+                idx = outer[start:stop]
+                block = np.take(self.source, idx, axis=0, out=buffers.get(0, (len(idx),) + self.source.shape[1:]),
+                                mode="clip")  # mode="raise" would buffer the output; the indices are in range
+            else:
+                block = self.source[start:stop]
+            for k, (axis, idx) in enumerate(inner, 1):
+                shape = block.shape[:axis] + (len(idx),) + block.shape[axis + 1:]
+                block = np.take(block, idx, axis=axis, out=buffers.get(k, shape), mode="clip")
+            yield block
+
+
+#: Bytes per block when a cut blob is streamed to a file: small enough to stay in cache, large enough that numpy's
+#: per-call overhead vanishes.
+_BLOCK_BYTES = 1 << 21
+
+
+class _Buffers:
+    """Scratch float32 buffers reused across the blocks and blobs of one write (fresh pages are slow to touch)."""
+
+    def __init__(self):
+        self._flat: Dict[int, np.ndarray] = {}
+
+    def get(self, key: int, shape: tuple) -> np.ndarray:
+        n = int(np.prod(shape, dtype=np.int64))
+        flat = self._flat.get(key)
+        if flat is None or flat.size < n:
+            flat = self._flat[key] = np.empty(max(n, _BLOCK_BYTES // 4), np.float32)
+        return flat[:n].reshape(shape)
+
+
+class PrunedBlobs(MutableMapping):
+    """Layer name -> blobs of the pruned net, cut from the original blobs only when needed.
+
+    It reads as a dict of lists of numpy arrays: ``blobs["conv1"]`` computes that layer's cut blobs once and
+    returns the same list on every access, so changes made to it are kept (and written). ``write_caffemodel`` of
+    ``streamed()`` instead computes each blob not yet read block by block into a small reused buffer as it writes,
+    which never holds the pruned weights whole: on a VGG-16 that avoids allocating 369 MB of fresh pages.
+
+        pruned = transplant(analysis, plan.keep, blobs)
+        pruned["conv2"][0].shape                      # (kept outputs, kept inputs / group, kh, kw)
+        write_caffemodel("pruned.caffemodel", pruned_net, pruned.streamed())
+    """
+
+    def __init__(self, layers: Dict[str, List[object]]):
+        self._layers = layers                          # name -> arrays and _Cuts, not yet read
+        self._read: Dict[str, List[np.ndarray]] = {}   # name -> the list handed out
+
+    def __getitem__(self, name: str) -> List[np.ndarray]:
+        if name not in self._read:
+            entries = self._layers[name]               # KeyError for an unknown layer, as a dict
+            self._read[name] = [e.array() if isinstance(e, _Cut) else e for e in entries]
+        return self._read[name]
+
+    def __setitem__(self, name: str, arrays: Sequence[np.ndarray]) -> None:
+        self._layers[name] = list(arrays)
+        self._read[name] = self._layers[name]
+
+    def __delitem__(self, name: str) -> None:
+        del self._layers[name]
+        self._read.pop(name, None)
+
+    def __contains__(self, name) -> bool:
+        return name in self._layers                    # without computing anything (Mapping's would)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __repr__(self) -> str:
+        return f"PrunedBlobs({len(self)} layers, {len(self._read)} read)"
+
+    def shapes(self, name: str) -> List[tuple]:
+        """The shapes of a layer's blobs, without computing them."""
+        if name in self._read:
+            return [np.shape(a) for a in self._read[name]]
+        return [e.shape if isinstance(e, _Cut) else np.shape(e) for e in self._layers[name]]
+
+    def blob(self, name: str, index: int) -> np.ndarray:
+        """One blob of a layer, computed but not kept (the others stay uncomputed)."""
+        if name in self._read:
+            return self._read[name][index]
+        entry = self._layers[name][index]
+        return entry.array() if isinstance(entry, _Cut) else entry
+
+    def set_blob(self, name: str, index: int, array: np.ndarray) -> None:
+        """Replace (or, with ``index`` equal to the number of blobs, append) one blob of a layer."""
+        target = self._read[name] if name in self._read else self._layers[name]
+        if index == len(target):
+            target.append(array)
+        else:
+            target[index] = array
+
+    def streamed(self) -> Dict[str, List[object]]:
+        """Layer name -> blobs for ``write_caffemodel``: the lists already read, and StreamedBlobs for the cuts not
+        yet computed (sharing one set of scratch buffers, so they must be written one after another)."""
+        from slim.io import StreamedBlob
+
+        buffers = _Buffers()
+        out: Dict[str, List[object]] = {}
+        for name, entries in self._layers.items():
+            if name in self._read:
+                out[name] = self._read[name]
+                continue
+            out[name] = [StreamedBlob(e.shape, lambda e=e: e.pieces(buffers))
+                         if isinstance(e, _Cut) and _streamable(e) else e.array() if isinstance(e, _Cut) else e
+                         for e in entries]
+        return out
+
+
+def _streamable(cut: _Cut) -> bool:
+    """Whether a cut can be produced in blocks: float32 numpy data with at least one axis (anything else is rare and
+    small, and is written as it is computed)."""
+    return isinstance(cut.source, np.ndarray) and cut.source.dtype == np.float32 and len(cut.shape) > 0 \
+        and cut.source.dtype.byteorder in "=<|"
 
 
 def masked_blobs(analysis: ChannelAnalysis, keep: np.ndarray, blobs: Mapping[str, Sequence[np.ndarray]],
