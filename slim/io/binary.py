@@ -22,6 +22,7 @@ skipped (Caffe never writes them into snapshots).
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import os
 import warnings
@@ -395,7 +396,7 @@ def _finish_blob(w: _Wire, raw: _RawBlob, where: str) -> tuple[np.ndarray, bool]
     pieces, dtype = (raw.double_data, "<f8") if sum(p.size for p in raw.double_data) else (raw.data, "<f4")
     values = [w.values(p, dtype) for p in pieces]
     values = values[0] if len(values) == 1 else (np.concatenate(values) if values else np.empty(0, dtype))
-    count = int(np.prod(dims, dtype=object)) if dims else 1
+    count = math.prod(dims)  # Python integers: no overflow; 1 for a 0-axis blob
     if values.size != count:
         raise ParseError(
             f"{w.path}: {where} (byte {raw.offset}) declares shape {_shape_text(dims)}, that is {count} values, but "

@@ -202,7 +202,7 @@ def prune_net(net: Union[str, Path, "pb.NetParameter"], weights: Weights, policy
     for name, info in analysis.producers.items():
         kept = np.nonzero(plan.keep[info.outputs])[0]
         layers.append(LayerChange(name, graph.layers[info.index].type, len(info.outputs), len(kept),
-                                  [int(i) for i in kept]))
+                                  kept.tolist()))
     report = PruneReport(
         net=net.name, model=source, weights=weights_name, criterion=criterion, tie_rule=tie_rule, policy=described,
         prunable=plan.prunable, requested=plan.requested, removed=plan.removed,

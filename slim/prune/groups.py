@@ -615,7 +615,7 @@ def analyze(graph: NetGraph, protect: Iterable[str] = ()) -> ChannelAnalysis:
     pinned = np.zeros(len(unique_roots), bool)
     reasons: Dict[int, str] = {}
     for atoms, reason in w.pins:
-        for c in np.unique(channel[atoms]).tolist():
+        for c in _distinct(channel[atoms]):
             if not pinned[c]:
                 pinned[c] = True
                 reasons[c] = reason
@@ -636,15 +636,22 @@ def analyze(graph: NetGraph, protect: Iterable[str] = ()) -> ChannelAnalysis:
         groups[group_of[c]].pinned[int(local_of[c])] = reason
     for slot in slots:
         gs = group_of[slot.channels]
-        for g in np.unique(gs).tolist():
+        for g in _distinct(gs):
             pos = np.nonzero(gs == g)[0]
             groups[g].slots.append(GroupSlot(slot, pos, local_of[slot.channels[pos]]))
     for touch, atoms in w.touches:
         gs = group_of[channel[atoms]]
-        for g in np.unique(gs).tolist():
+        for g in _distinct(gs):
             where = np.nonzero(gs == g)[0]
             offset = None
             if touch.offset is not None and where[-1] - where[0] + 1 == len(where):  # contiguous: show the range
                 offset = touch.offset + int(where[0])
             groups[g].touches.append(_Touch(touch.layer, touch.type, touch.verb, len(where), touch.total, offset))
     return ChannelAnalysis(graph, groups, group_of, local_of, pinned, blob_channels, slots, producers, constant_at)
+
+
+def _distinct(values: np.ndarray) -> List[int]:
+    """The sorted distinct values; most slots lie in one group, which needs no sort."""
+    if len(values) and (values == values[0]).all():
+        return [int(values[0])]
+    return np.unique(values).tolist()
