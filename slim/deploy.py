@@ -22,11 +22,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from slim import proto as pb
-from slim.data.cifar import CIFAR_SHAPE
-from slim.data.digits import DIGITS_SHAPE
-from slim.data.svhn import SVHN_SHAPE
-from slim.data.transform import transform_output_shape
-from slim.errors import NetError
+from slim.errors import DataError, NetError
 from slim.graph import filter_net
 
 __all__ = ["DATA_LAYER_TYPES", "make_deploy", "data_shape"]
@@ -35,11 +31,6 @@ __all__ = ["DATA_LAYER_TYPES", "make_deploy", "data_shape"]
 DATA_LAYER_TYPES = frozenset({"Data", "ImageData", "MemoryData", "HDF5Data", "WindowData", "DummyData", "SlimData",
                               "Input"})
 
-# Raw image shape (C, H, W) of the SlimData datasets that have a fixed one; IMAGE_FOLDER has none.
-_DATASET_SHAPES = {pb.SlimDataParameter.DIGITS: DIGITS_SHAPE, pb.SlimDataParameter.CIFAR10: CIFAR_SHAPE,
-                   pb.SlimDataParameter.CIFAR100: CIFAR_SHAPE, pb.SlimDataParameter.SVHN: SVHN_SHAPE}
-
-
 def _underivable(layer: pb.LayerParameter, why: str) -> NetError:
     top = layer.top[0] if layer.top else "data"
     return NetError(f"Cannot derive the input shape of data layer {layer.name!r} ({layer.type}): {why}. Pass the "
@@ -47,72 +38,39 @@ def _underivable(layer: pb.LayerParameter, why: str) -> NetError:
                     f"input_shapes={{{top!r}: (C, H, W)}} to make_deploy.")
 
 
-def _blob_shape_dims(shape: pb.BlobShape) -> Tuple[int, ...]:
-    return tuple(int(d) for d in shape.dim)
-
-
-def _transformed(layer: pb.LayerParameter, raw: Tuple[int, int, int]) -> Tuple[int, int, int]:
-    # The transform's own shape rule (crop, slim's pad) decides what the net sees of a raw image.
-    return transform_output_shape(layer.transform_param, raw, where=f"layer {layer.name!r} ({layer.type})")
-
-
 def data_shape(layer: pb.LayerParameter, top_index: int = 0) -> Tuple[int, ...]:
-    """The per-sample shape (no batch axis) of a data layer's top, from its parameters alone.
+    """The per-sample shape (no batch axis) of a data layer's top: the shape the train/test net itself gives it.
 
-    SlimData knows its dataset's image shape; Data and WindowData give 3 x crop x crop (1 channel with
-    ``force_gray``); ImageData gives 3 (1 with ``is_color: false``) x crop x crop, or x new_height x new_width
-    without a crop; MemoryData, DummyData and Input state their shapes. transform_param.crop_size overrides the
-    height and width.
+    The dataset layers (SlimData, Data, ImageData, MemoryData) take it from ``slim.data.sample_shape``, which reads
+    at most one header or record where the prototxt does not state it, and assumes C x crop x crop where the data
+    is not on this machine; DummyData and Input take it from their layer's own shape rule. WindowData gives
+    3 x crop x crop.
 
     Raises:
-        NetError: the shape is not written in the layer (an LMDB without crop_size, HDF5Data); the message says to
-            pass the shape explicitly.
+        NetError: the shape is not written in the layer and cannot be read (an absent LMDB without crop_size,
+            HDF5Data); the message says to pass the shape explicitly.
     """
-    transform = layer.transform_param
-    channels = 1 if transform.force_gray else 3
-    if layer.type == "SlimData":
-        param = layer.slim_data_param
-        if param.dataset in _DATASET_SHAPES:
-            return _transformed(layer, _DATASET_SHAPES[param.dataset])
-        # IMAGE_FOLDER: images are resized to new_height x new_width, if asked, then cropped.
-        if param.new_height and param.new_width:
-            return _transformed(layer, (channels, param.new_height, param.new_width))
-        if transform.crop_size:
-            return (channels, transform.crop_size, transform.crop_size)
-        raise _underivable(layer, "an IMAGE_FOLDER dataset has no fixed image size without "
-                                  "transform_param.crop_size or slim_data_param new_height and new_width")
-    if layer.type in ("Data", "WindowData"):
-        if not transform.crop_size:
-            raise _underivable(layer, "its images are stored at a size the prototxt does not state, and "
-                                      "transform_param.crop_size is not set")
-        return (channels, transform.crop_size, transform.crop_size)
-    if layer.type == "ImageData":
-        param = layer.image_data_param
-        channels = channels if param.is_color else 1
-        if param.new_height and param.new_width:
-            return _transformed(layer, (channels, param.new_height, param.new_width))
-        if transform.crop_size:
-            return (channels, transform.crop_size, transform.crop_size)
-        raise _underivable(layer, "neither transform_param.crop_size nor image_data_param new_height and new_width "
-                                  "are set")
-    if layer.type == "MemoryData":
-        param = layer.memory_data_param
-        if not (param.channels and param.height and param.width):
-            raise _underivable(layer, "memory_data_param does not set channels, height and width")
-        return _transformed(layer, (param.channels, param.height, param.width))
-    if layer.type == "DummyData":
-        param = layer.dummy_data_param
-        if param.shape:  # one shape per top, or one shared by all
-            return _blob_shape_dims(param.shape[min(top_index, len(param.shape) - 1)])[1:]
-        if param.channels:  # the legacy num/channels/height/width form, likewise one per top or one for all
-            i = min(top_index, len(param.channels) - 1)
-            return (param.channels[i], param.height[i], param.width[i])
-        raise _underivable(layer, f"dummy_data_param gives no shape for top {top_index}")
-    if layer.type == "Input":
-        shapes = layer.input_param.shape
-        if shapes:  # one shape per top, or one shared by all
-            return _blob_shape_dims(shapes[min(top_index, len(shapes) - 1)])[1:]
-        raise _underivable(layer, f"input_param gives no shape for top {top_index}")
+    from slim.data import DATA_LAYER_TYPES as SOURCE_TYPES, sample_shape
+
+    if layer.type in SOURCE_TYPES:
+        try:
+            return sample_shape(layer)
+        except DataError as e:
+            raise _underivable(layer, f"the prototxt does not state its image size and its data cannot be read "
+                                      f"here ({str(e).rstrip('.')})") from None
+    if layer.type in ("DummyData", "Input"):
+        from slim.layers import layer_class
+
+        try:
+            shapes = layer_class(layer.type, layer.name)(layer, [], pb.TEST, source="the net").top_shapes
+        except NetError as e:
+            raise _underivable(layer, str(e)) from None
+        if not shapes:
+            raise _underivable(layer, f"its parameters give no shape for top {top_index}")
+        return tuple(shapes[min(top_index, len(shapes) - 1)][1:])
+    if layer.type == "WindowData" and layer.transform_param.crop_size:
+        crop = int(layer.transform_param.crop_size)
+        return (3, crop, crop)                       # Caffe's WindowData crops colour windows
     raise _underivable(layer, "its data files state the shape, not the prototxt")
 
 

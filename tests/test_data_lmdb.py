@@ -99,3 +99,28 @@ def test_deprecated_data_param_fields_warn(tmp_path):
     lp.data_param.scale = 0.5
     with pytest.warns(UserWarning, match="move them into transform_param"):
         open_source(lp, phase=pb.TRAIN)
+
+
+def test_deploy_net_and_train_net_take_the_shape_from_the_same_records(tmp_path):
+    # A grey LMDB without crop_size: the prototxt does not state the shape, the first record does, and the deploy
+    # net derived from the train net gets the train net's own data shape (one source: slim.data.sample_shape).
+    from slim.deploy import data_shape, make_deploy
+    from slim.graph import build_graph
+
+    rng = np.random.default_rng(1)
+    write_db(tmp_path / "grey", [(b"0", raw_datum(rng.integers(0, 256, (1, 6, 5), dtype=np.uint8), 0))])
+    net = pb.NetParameter(name="n")
+    net.layer.append(data_layer(tmp_path / "grey", batch=4))
+    net.layer[0].top.extend(["data", "label"])
+    net.layer.add(name="ip", type="InnerProduct", bottom=["data"], top=["ip"]).inner_product_param.num_output = 2
+    net.layer.add(name="loss", type="SoftmaxWithLoss", bottom=["ip", "label"], top=["loss"])
+    assert data_shape(net.layer[0]) == (1, 6, 5)
+    train = build_graph(net, phase="TRAIN")
+    deploy = build_graph(make_deploy(net))
+    assert train.layer("data").top_shapes[0] == (4, 1, 6, 5)
+    assert deploy.layer("input").top_shapes[0] == (1, 1, 6, 5)
+    # Without the database the same layer with a crop is assumed colour, in both nets alike.
+    net.layer[0].data_param.source = str(tmp_path / "absent")
+    net.layer[0].transform_param.crop_size = 4
+    assert data_shape(net.layer[0]) == (3, 4, 4)
+    assert build_graph(net, phase="TRAIN").layer("data").top_shapes[0] == (4, 3, 4, 4)

@@ -110,6 +110,12 @@ def data_layer(text):
      'transform_param { crop_size: 224 }', (3, 224, 224)),
     ('type: "SlimData" top: "data" slim_data_param { dataset: IMAGE_FOLDER new_height: 64 new_width: 48 }',
      (3, 64, 48)),
+    # Image folders are read in colour (force_gray is a Data layer's option), as slim.data reads them.
+    ('type: "SlimData" top: "data" slim_data_param { dataset: IMAGE_FOLDER source: "absent" } '
+     'transform_param { crop_size: 20 force_gray: true }', (3, 20, 20)),
+    ('type: "WindowData" top: "data" transform_param { crop_size: 227 }', (3, 227, 227)),
+    ('type: "DummyData" top: "data" top: "label" dummy_data_param { num: 2 channels: 3 height: 5 width: 4 }',
+     (3, 5, 4)),
     ('type: "Data" top: "data" transform_param { crop_size: 227 }', (3, 227, 227)),
     ('type: "Data" top: "data" transform_param { crop_size: 28 force_gray: true }', (1, 28, 28)),
     ('type: "ImageData" top: "data" image_data_param { new_height: 40 new_width: 30 is_color: false }', (1, 40, 30)),
@@ -169,12 +175,13 @@ def test_zoo_deploy(name):
     deploy = make_deploy(net)
     graph = build_graph(deploy)
     assert graph.inputs == ["data"]
-    if any(l.type == "Data" for l in net.layer):  # ImageNet LMDBs are not here: the recipe's 224x224 crops
+    # The TEST data layer's own shape (slim.data.sample_shape), at batch 1; ImageNet LMDBs are not here, so their
+    # recipes' 224x224 crops are taken as colour.
+    test = build_graph(net, phase="TEST")
+    assert graph.layer("input").top_shapes[0] == (1, *test.layer("data").top_shapes[0][1:])
+    assert graph.param_count == test.param_count
+    if any(l.type == "Data" for l in net.layer):
         assert graph.layer("input").top_shapes[0] == (1, 3, 224, 224)
-    else:  # the TEST data layer's own shape (slim.data), at batch 1
-        test = build_graph(net, phase="TEST")
-        assert graph.layer("input").top_shapes[0] == (1, *test.layer("data").top_shapes[0][1:])
-        assert graph.param_count == test.param_count
     loss = next(l for l in net.layer if l.type == "SoftmaxWithLoss")
     assert graph.outputs == [loss.bottom[0]]
     assert not {l.type for l in deploy.layer[1:]} & (DATA_LAYER_TYPES | {"Accuracy", "SoftmaxWithLoss"})

@@ -12,9 +12,9 @@ MemoryData     memory_data_param: arrays given from Python with ``source.set_dat
 =============  ===================================================================================================
 
 Every check that can fail on user input (missing files, malformed lists or records, labels out of range, a
-crop larger than the images) runs when the source is opened, before training. `infer_top_shapes` gives the top
-shapes from the layer and at most a header or first record, with numpy only; nothing here imports torch until a
-batch is made.
+crop larger than the images) runs when the source is opened, before training. `sample_shape` and
+`infer_top_shapes` give the shapes from the layer and at most a header or first record, with numpy only (the one
+source of them: the data layers and deploy nets use it); nothing here imports torch until a batch is made.
 
 Channel order: Data, ImageData (and encoded Datum records) are BGR, as Caffe reads them through OpenCV; the
 standard datasets of SlimData keep their own RGB order (mean_value lists follow the same order).
@@ -27,7 +27,7 @@ from slim.data.source import DEFAULT_SEED, ArraySamples, BatchSource, MemoryData
 from slim.data.transform import TransformSpec, build_transform, transform_output_shape
 from slim.errors import DataError
 
-__all__ = ["open_source", "infer_top_shapes", "BatchSource", "MemoryDataSource", "Samples", "ArraySamples",
+__all__ = ["open_source", "infer_top_shapes", "sample_shape", "BatchSource", "MemoryDataSource", "Samples", "ArraySamples",
            "TransformSpec", "DATA_LAYER_TYPES", "DEFAULT_SEED"]
 
 DATA_LAYER_TYPES = ("SlimData", "Data", "ImageData", "MemoryData")
@@ -90,8 +90,8 @@ def _samples(layer: pb.LayerParameter, *, headers: bool) -> Samples:
     raise AssertionError(layer.type)
 
 
-def _raw_shape(layer: pb.LayerParameter) -> tuple[int, int, int]:
-    """(C, H, W) before the transform, from the layer and at most one header or record."""
+def _stated_raw_shape(layer: pb.LayerParameter) -> tuple[int, int, int] | None:
+    """(C, H, W) before the transform where the layer's parameters state it; None where only the data tells."""
     if layer.type == "MemoryData":
         p = layer.memory_data_param
         shape = (int(p.channels), int(p.height), int(p.width))
@@ -115,24 +115,56 @@ def _raw_shape(layer: pb.LayerParameter) -> tuple[int, int, int]:
         p = layer.image_data_param
         if p.new_height and p.new_width:
             return 3 if p.is_color else 1, int(p.new_height), int(p.new_width)
-    return tuple(_samples(layer, headers=False).shape)
+    return None
+
+
+def _channels(layer: pb.LayerParameter) -> int:
+    """The channel count of a layer's images as far as its parameters tell: ImageData's is_color decides, image
+    folders are read in colour; a Data layer's records are assumed colour unless force_gray is set."""
+    if layer.type == "ImageData":
+        return 3 if layer.image_data_param.is_color else 1
+    if layer.type == "Data":
+        return 1 if layer.transform_param.force_gray else 3
+    return 3
+
+
+def sample_shape(layer: pb.LayerParameter) -> tuple[int, int, int]:
+    """The (C, H, W) of one sample of a data layer, without loading its dataset and without torch.
+
+    Standard datasets, MemoryData and resized image layers need no file; otherwise the first image header or the
+    first LMDB record is read. Where that fails (the data is not on this machine: calflop or a deploy net derived
+    from a train_val net) and transform_param.crop_size fixes the height and width, the shape is C x crop x crop,
+    with C from the parameters (a Data layer's records are assumed colour unless force_gray is set), as the net is
+    then built for it; ``open_source`` checks the real data before any training.
+
+    Raises:
+        DataError: the layer is not a data layer, its transform does not fit the images, or the image size is
+            neither in the prototxt nor readable from the data.
+    """
+    _check_type(layer)
+    transform = layer.transform_param
+    raw = _stated_raw_shape(layer)
+    if raw is None:
+        try:
+            raw = tuple(_samples(layer, headers=False).shape)
+        except DataError:
+            if not transform.crop_size:
+                raise
+            return _channels(layer), int(transform.crop_size), int(transform.crop_size)
+    return transform_output_shape(transform, raw, where=_where(layer))
 
 
 def infer_top_shapes(layer: pb.LayerParameter) -> list[tuple[int, ...]]:
-    """The top shapes [(N, C, H, W), (N,)] of a data layer, without loading its dataset and without torch.
-
-    Standard datasets, MemoryData and resized image layers need no file; otherwise the first image header or the
-    first LMDB record is read.
+    """The top shapes [(N, C, H, W), (N,)] of a data layer: the batch size and ``sample_shape``.
 
     Raises:
-        DataError: the layer is not a data layer, lacks a batch size, or its transform does not fit the images.
+        DataError: the layer is not a data layer, lacks a batch size, or ``sample_shape`` fails.
     """
     _check_type(layer)
     param_name = {"SlimData": "slim_data_param", "Data": "data_param", "ImageData": "image_data_param",
                   "MemoryData": "memory_data_param"}[layer.type]
     batch = _batch_size(layer, param_name)
-    shape = transform_output_shape(layer.transform_param, _raw_shape(layer), where=_where(layer))
-    return [(batch,) + shape, (batch,)]
+    return [(batch,) + sample_shape(layer), (batch,)]
 
 
 def open_source(layer: pb.LayerParameter, *, phase: int, rank: int = 0, world_size: int = 1,
@@ -161,7 +193,8 @@ def open_source(layer: pb.LayerParameter, *, phase: int, rank: int = 0, world_si
         if layer.HasField("transform_param"):
             raise DataError(f"{where}: MemoryData does not transform the arrays it is given (Caffe refuses a "
                             "transform_param here too). Remove transform_param and preprocess the arrays.")
-        return MemoryDataSource(layer.name, _raw_shape(layer), _batch_size(layer, "memory_data_param"), phase=phase)
+        return MemoryDataSource(layer.name, _stated_raw_shape(layer), _batch_size(layer, "memory_data_param"),
+                                phase=phase)
     param_name = {"SlimData": "slim_data_param", "Data": "data_param", "ImageData": "image_data_param"}[layer.type]
     batch = _batch_size(layer, param_name)
     if layer.type != "SlimData":

@@ -95,7 +95,7 @@ class _SourceLayer(Layer):
     """A layer backed by a slim.data BatchSource, attached by the Net (``attach``) before the first forward.
 
     Top shapes come from ``slim.data.infer_top_shapes``, which reads a file only where the parameters do not fix
-    the shape (no torch needed).
+    the shape (no torch needed), and assumes one where the data is absent and crop_size fixes the size.
     """
 
     num_bottoms = (0, 0)
@@ -104,21 +104,11 @@ class _SourceLayer(Layer):
 
     def setup(self):
         from slim.data import infer_top_shapes
-        from slim.errors import DataError
         self.source = None
         self.device = None
-        try:
-            shapes = infer_top_shapes(self.param)
-        except DataError:
-            # The database is not here (e.g. calflop on a train_val net): when crop_size fixes the image size,
-            # assume colour images (grey with force_gray), as the net is then built for them; ``attach`` checks the
-            # real source before any training.
-            tp = self.param.transform_param
-            batch = self.param.data_param.batch_size if self.type == "Data" else 0
-            if not (self.type == "Data" and tp.crop_size and batch):
-                raise
-            shapes = [(batch, 1 if tp.force_gray else 3, tp.crop_size, tp.crop_size), (batch,)]
-        self.top_shapes = [tuple(s) for s in shapes][:len(self.param.top)]
+        # Where the data is not on this machine and crop_size fixes the image size, the shape is assumed as
+        # slim.data.sample_shape says; ``attach`` checks the real source before any training.
+        self.top_shapes = [tuple(s) for s in infer_top_shapes(self.param)][:len(self.param.top)]
 
     def attach(self, rank: int, world_size: int, seed, device):
         """Open the source for one process of a (possibly distributed) run and check its shapes."""
