@@ -17,7 +17,7 @@ import re
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -279,14 +279,16 @@ class Net(nn.Module):
                            f"{'' if layer is None else f' named {layer!r}'}.")
         targets[0].source.set_data(data, labels)
 
-    def data_state(self) -> List[tuple]:
-        """(epoch, position) of every data layer, for exact resumption."""
-        return [tuple(l.source.state()) for l in self._source_layers]
+    def data_state(self) -> Dict[str, Tuple[int, int]]:
+        """Data layer name -> (epoch, position) in its sample order, for exact resumption."""
+        return {l.name: tuple(l.source.state()) for l in self._source_layers}
 
-    def load_data_state(self, states: Sequence[tuple]) -> None:
-        """Restore data positions saved by ``data_state``."""
-        for layer, (epoch, pos) in zip(self._source_layers, states):
-            layer.source.load_state(int(epoch), int(pos))
+    def load_data_state(self, states: Mapping[str, Tuple[int, int]]) -> None:
+        """Restore data positions saved by ``data_state`` (layers not named there keep theirs)."""
+        for layer in self._source_layers:
+            if layer.name in states:
+                epoch, pos = states[layer.name]
+                layer.source.load_state(int(epoch), int(pos))
 
     # ----- weights -----------------------------------------------------------------------------------------
     def share_from(self, other: "Net") -> None:

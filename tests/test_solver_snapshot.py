@@ -64,12 +64,21 @@ def test_a_run_stopped_by_sigint_and_resumed_ends_with_identical_weights(tmp_pat
     assert all(np.array_equal(x, y) for x, y in zip(ha, hb)) and len(ha) == 8
     assert sa.current_step == sb.current_step == 2 and sa.iter == sb.iter == 12
     assert list(sa.slim_state.smoothed_loss) == list(sb.slim_state.smoothed_loss)
-    assert (sa.slim_state.data_epoch, sa.slim_state.data_position) == (0, 12 * 16)
-    # The resumed run's metrics continue the stopped run's, with no iteration logged twice.
+    # Every data layer's position, the test net's included: one batch of 60 test images at iterations 0, 4 and 8,
+    # each test reading the next batch as in Caffe (the final snapshot comes before the final test, as in Caffe).
+    positions = [(d.layer, d.test_net if d.HasField("test_net") else None, d.epoch, d.position)
+                 for d in sa.slim_state.data]
+    assert positions == [("data", None, 0, 12 * 16), ("data", 0, 0, 3 * 60)]
+    assert list(sa.slim_state.data) == list(sb.slim_state.data) and not sa.slim_state.HasField("data_position")
+    # The resumed run's metrics continue the stopped run's, with no iteration logged twice, and its tests saw the
+    # same batches as the run that never stopped.
     import json
-    records = [json.loads(x) for x in (tmp_path / "parts.metrics.jsonl").read_text().splitlines()]
-    train_iters = [r["iter"] for r in records if r["kind"] == "train"]
+    records = {n: [json.loads(x) for x in (tmp_path / f"{n}.metrics.jsonl").read_text().splitlines()]
+               for n in ("full", "parts")}
+    train_iters = [r["iter"] for r in records["parts"] if r["kind"] == "train"]
     assert train_iters == [0, 2, 4, 6, 8, 10]
+    tests = {n: [(r["iter"], r["outputs"]) for r in rs if r["kind"] == "test"] for n, rs in records.items()}
+    assert tests["full"] == tests["parts"] and len(tests["full"]) == 4
 
 
 def test_a_caffe_solverstate_without_slim_state_resumes(tmp_path):

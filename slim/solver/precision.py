@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, ContextManager, Optional, Sequence
+from typing import Callable, ContextManager, Optional, Sequence, Tuple
 
 import torch
 
@@ -58,6 +58,21 @@ class MixedPrecision:
         if amp == "fp16":
             self.scaler = torch.amp.GradScaler(self.device.type)
             self._step = _UpdateStep([t for t in tensors if t.requires_grad])
+
+    def scaler_state(self) -> Optional[Tuple[float, int]]:
+        """(scale, overflow-free iterations since it last changed) of the fp16 gradient scaler, for snapshots;
+        None without one."""
+        state = self.scaler.state_dict() if self.scaler is not None else {}
+        if not state:  # no scaler, or a disabled one
+            return None
+        return float(state["scale"]), int(state["_growth_tracker"])
+
+    def load_scaler_state(self, scale: float, growth: int) -> None:
+        """Restore ``scaler_state`` (nothing to do without fp16: a resumed run may change --amp)."""
+        state = self.scaler.state_dict() if self.scaler is not None else {}
+        if state:
+            state.update(scale=float(scale), _growth_tracker=int(growth))
+            self.scaler.load_state_dict(state)
 
     def autocast(self) -> ContextManager:
         """The context for forward passes."""

@@ -12,17 +12,19 @@ which Caffe skips as an unknown field):
 torch_rng_state    ``torch.get_rng_state()`` of every process, concatenated in rank order (one state, 5056
                    bytes, per process; Dropout draws from it)
 cuda_rng_state     the same for the current CUDA device of every process, when training on CUDA
-data_epoch,        where the train net's data layers are in their sample order (slim.data resumes there; its
-data_position      random transforms are a function of that position, so they need no generator state)
+data               where every data layer of the train net and of the test nets is in its sample order, by layer
+                   name (slim.data resumes there; its random transforms are a function of that position, so they
+                   need no generator state)
 smoothed_loss      the losses in the ``average_loss`` window, oldest first
+loss_scale,        the fp16 gradient scaler's scale and growth count (``--amp fp16``)
+loss_scale_growth
 world_size         the number of processes; resuming with another count is refused, because the data shards and
                    the per-process random streams would differ
 =================  ==============================================================================================
 
-A run stopped at iteration K and resumed from its snapshot therefore ends with the same weights, bit for bit on
-a CPU, as the run that never stopped. Not saved (so not exact across a resume): the test nets' data positions
-(test outputs may average other batches), the fp16 loss scale of ``--amp fp16`` (it restarts at 2^16), and a
-second data layer of the train net whose position differs from the first's.
+A run stopped at iteration K and resumed from its snapshot therefore ends with the same weights and the same test
+outputs, bit for bit on a CPU, as the run that never stopped. Older slim snapshots kept one data position
+(``data_epoch``, ``data_position``) for all the train net's data layers; they are still read that way.
 """
 
 from __future__ import annotations
@@ -38,9 +40,26 @@ import numpy as np
 from slim import proto as pb
 from slim.errors import SolverError
 
-__all__ = ["snapshot_paths", "check_prefix", "write_snapshot", "read_snapshot", "ResumeState"]
+__all__ = ["snapshot_paths", "check_prefix", "write_snapshot", "read_snapshot", "ResumeState", "DataPosition"]
 
 _log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPosition:
+    """Where one data layer is in its sample order.
+
+    Attributes:
+        layer: the data layer's name.
+        epoch: the epoch of its sample order.
+        position: samples of this process's shard already drawn in that epoch.
+        test_net: the test net it belongs to (0-based), or None for the train net.
+    """
+
+    layer: str
+    epoch: int
+    position: int
+    test_net: Optional[int] = None
 
 
 def snapshot_paths(prefix: str, iter: int) -> tuple[str, str]:
@@ -70,8 +89,9 @@ def check_prefix(prefix: str, iter: int, source: str) -> None:
 
 
 def write_snapshot(prefix: str, iter: int, net, *, current_step: int, history: Sequence, rng_states: Sequence[bytes],
-                   cuda_rng_states: Sequence[bytes] = (), data_state: Optional[tuple[int, int]] = None,
-                   smoothed_loss: Sequence[float] = (), world_size: int = 1) -> tuple[str, str]:
+                   cuda_rng_states: Sequence[bytes] = (), data: Sequence[DataPosition] = (),
+                   smoothed_loss: Sequence[float] = (), world_size: int = 1,
+                   loss_scale: Optional[tuple[float, int]] = None) -> tuple[str, str]:
     """Write the caffemodel, then the solverstate, of iteration ``iter`` (each atomically).
 
     Args:
@@ -82,9 +102,10 @@ def write_snapshot(prefix: str, iter: int, net, *, current_step: int, history: S
         history: the update rule's history tensors, in SolverState order.
         rng_states: each process's torch CPU generator state, in rank order.
         cuda_rng_states: each process's CUDA generator state, or empty.
-        data_state: (epoch, position) of the train net's data, or None for a net without data layers.
+        data: the position of every data layer of the train net and the test nets.
         smoothed_loss: the average_loss window, oldest first.
         world_size: number of training processes.
+        loss_scale: (scale, growth count) of the fp16 gradient scaler, or None without one.
 
     Returns:
         (caffemodel path, solverstate path).
@@ -99,10 +120,14 @@ def write_snapshot(prefix: str, iter: int, net, *, current_step: int, history: S
     slim.torch_rng_state = b"".join(rng_states)
     if cuda_rng_states:
         slim.cuda_rng_state = b"".join(cuda_rng_states)
-    if data_state is not None:
-        slim.data_epoch, slim.data_position = int(data_state[0]), int(data_state[1])
+    for d in data:
+        entry = slim.data.add(layer=d.layer, epoch=int(d.epoch), position=int(d.position))
+        if d.test_net is not None:
+            entry.test_net = int(d.test_net)
     slim.smoothed_loss.extend(float(v) for v in smoothed_loss)
     slim.world_size = world_size
+    if loss_scale is not None:
+        slim.loss_scale, slim.loss_scale_growth = float(loss_scale[0]), int(loss_scale[1])
     _log.info("Snapshotting solver state to binary proto file %s", state_path)
     write_solverstate(state_path, state, [h.detach() for h in history])
     return model_path, state_path
@@ -120,9 +145,11 @@ class ResumeState:
         learned_net: the caffemodel to load, resolved to an existing path, or None (Caffe's states may omit it).
         rng_states: one torch CPU generator state per process, or None (a Caffe solverstate).
         cuda_rng_states: one CUDA generator state per process, or None.
-        data_state: (epoch, position) of the train data, or None.
+        data: the data positions, or None (a Caffe solverstate, or an older slim one: see ``shared_data``).
+        shared_data: (epoch, position) shared by all the train net's data layers, from an older slim snapshot.
         smoothed_loss: the average_loss window, oldest first.
         world_size: the process count that wrote it, or None (a Caffe solverstate).
+        loss_scale: (scale, growth count) of the fp16 gradient scaler, or None.
     """
 
     path: str
@@ -132,9 +159,11 @@ class ResumeState:
     learned_net: Optional[str]
     rng_states: Optional[list[bytes]] = None
     cuda_rng_states: Optional[list[bytes]] = None
-    data_state: Optional[tuple[int, int]] = None
+    data: Optional[list[DataPosition]] = None
+    shared_data: Optional[tuple[int, int]] = None
     smoothed_loss: list[float] = dataclasses.field(default_factory=list)
     world_size: Optional[int] = None
+    loss_scale: Optional[tuple[float, int]] = None
 
 
 def _split(blob: bytes, parts: int, what: str, path: str) -> list[bytes]:
@@ -188,8 +217,13 @@ def read_snapshot(path: str | os.PathLike, world_size: int = 1) -> ResumeState:
             out.rng_states = _split(s.torch_rng_state, saved_world, "torch_rng_state", path)
         if s.cuda_rng_state:
             out.cuda_rng_states = _split(s.cuda_rng_state, saved_world, "cuda_rng_state", path)
-        if s.HasField("data_epoch") or s.HasField("data_position"):
-            out.data_state = (int(s.data_epoch), int(s.data_position))
+        if len(s.data):
+            out.data = [DataPosition(d.layer, int(d.epoch), int(d.position),
+                                     int(d.test_net) if d.HasField("test_net") else None) for d in s.data]
+        elif s.HasField("data_epoch") or s.HasField("data_position"):
+            out.shared_data = (int(s.data_epoch), int(s.data_position))
         out.smoothed_loss = [float(v) for v in s.smoothed_loss]
         out.world_size = saved_world
+        if s.HasField("loss_scale"):
+            out.loss_scale = (float(s.loss_scale), int(s.loss_scale_growth))
     return out

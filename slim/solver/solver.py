@@ -49,7 +49,7 @@ from slim.solver.nets import resolve_path, solver_nets, split_weights
 from slim.solver.precision import MixedPrecision
 from slim.solver.rules import RULES, create_rule
 from slim.solver.signals import Action
-from slim.solver.snapshot import ResumeState, check_prefix, read_snapshot, write_snapshot
+from slim.solver.snapshot import DataPosition, ResumeState, check_prefix, read_snapshot, write_snapshot
 from slim.solver.sparsity import create_sparsity
 
 __all__ = ["Solver", "Hook"]
@@ -462,15 +462,14 @@ class Solver:
             self._diverged_weights()
         if self.progress is not None:
             self.progress.clear()
-        states = self.net.data_state()
-        if len(set(states)) > 1:
-            _log.warning("The train net's data layers are at different positions %s; a snapshot keeps the first, so "
-                         "a resumed run reads the others from there too.", states)
+        data = [DataPosition(name, epoch, position) for name, (epoch, position) in self.net.data_state().items()]
+        for i, net in enumerate(self.test_nets):
+            data += [DataPosition(name, epoch, position, i) for name, (epoch, position) in net.data_state().items()]
         _, state_path = write_snapshot(
             self.param.snapshot_prefix, self.iter, self.net, current_step=self.schedule.current_step,
-            history=self.rule.history, rng_states=rng, cuda_rng_states=cuda_rng,
-            data_state=states[0] if states else None, smoothed_loss=list(self._losses),
-            world_size=self.dist.world_size)
+            history=self.rule.history, rng_states=rng, cuda_rng_states=cuda_rng, data=data,
+            smoothed_loss=list(self._losses), world_size=self.dist.world_size,
+            loss_scale=self.precision.scaler_state())
         self.last_snapshot = state_path
         return state_path
 
@@ -498,11 +497,15 @@ class Solver:
         if state.cuda_rng_states is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(torch.frombuffer(bytearray(state.cuda_rng_states[self.dist.rank]),
                                                       dtype=torch.uint8), self.device)
-        if state.data_state is not None:
-            self.net.load_data_state([state.data_state] * len(self.net.data_state()))
+        if state.data is not None:
+            self._restore_data(state)
+        elif state.shared_data is not None:
+            self.net.load_data_state({name: state.shared_data for name in self.net.data_state()})
         elif state.world_size is None:
             _log.warning("%s was not written by slim: the data order restarts and random streams differ from the "
                          "run that wrote it.", path)
+        if state.loss_scale is not None:
+            self.precision.load_scaler_state(*state.loss_scale)
         self._losses.clear()
         self._losses.extend(state.smoothed_loss)
         self._timer = (time.monotonic(), self.iter)
@@ -510,6 +513,20 @@ class Solver:
         self._snapshot_iter = self.iter
         if self.metrics is not None:
             self.metrics.truncate_from(self.iter)
+
+
+    def _restore_data(self, state: ResumeState) -> None:
+        """Put every data layer back where the snapshot says; a layer it does not know starts afresh, with a
+        warning (the net was edited)."""
+        nets = {None: self.net, **dict(enumerate(self.test_nets))}
+        for key, net in nets.items():
+            saved = {d.layer: (d.epoch, d.position) for d in state.data if d.test_net == key}
+            missing = sorted(set(net.data_state()) - set(saved))
+            if missing:
+                which = "the train net" if key is None else f"test net {key}"
+                _log.warning("%s has no data position for layer(s) %s of %s; they start from the beginning of "
+                             "their data.", state.path, ", ".join(missing), which)
+            net.load_data_state(saved)
 
 
 class _CompiledForward:
