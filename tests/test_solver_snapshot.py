@@ -81,6 +81,66 @@ def test_a_run_stopped_by_sigint_and_resumed_ends_with_identical_weights(tmp_pat
     assert tests["full"] == tests["parts"] and len(tests["full"]) == 4
 
 
+# A second train data layer on the 360 test images, 40 at a time: its position differs from the first layer's.
+EXTRA_DATA = """
+layer { name: "extra" type: "SlimData" top: "xdata" top: "xlabel" include { phase: TRAIN }
+  transform_param { scale: 0.0625 } slim_data_param { dataset: DIGITS batch_size: 40 train: false } }
+layer { name: "xip" type: "InnerProduct" bottom: "xdata" top: "xip"
+  inner_product_param { num_output: 10 weight_filler { type: "xavier" } } }
+layer { name: "xloss" type: "SoftmaxWithLoss" bottom: "xip" bottom: "xlabel" top: "xloss" include { phase: TRAIN } }
+"""
+
+
+def test_every_data_layer_resumes_at_its_own_position(tmp_path):
+    text = tiny_net() + EXTRA_DATA
+    fields = dict(max_iter=12, snapshot_after_train=True)
+    run(write_solver(tmp_path, text, name="full", **fields))
+    parts = write_solver(tmp_path, text, name="parts", **fields)
+    stopped, done = run(parts, hooks=[SendSignals({5: signal.SIGINT})])
+    assert not done and stopped.iter == 6
+    state, _ = read_solverstate(tmp_path / "parts_iter_6.solverstate")
+    assert {d.layer: (d.epoch, d.position) for d in state.slim_state.data} == {"data": (0, 96), "extra": (0, 240)}
+    resumed, done = run(parts, snapshot=str(tmp_path / "parts_iter_6.solverstate"))
+    assert done and resumed.net.data_state() == {"data": (0, 192), "extra": (1, 120)}
+    a, b = blobs(tmp_path / "full_iter_12.caffemodel"), blobs(tmp_path / "parts_iter_12.caffemodel")
+    assert a.keys() == b.keys() and "xip" in a
+    for name in a:
+        for x, y in zip(a[name], b[name]):
+            assert np.array_equal(x, y), name
+
+
+def test_an_older_snapshot_with_one_data_position_resumes_every_layer_there(tmp_path):
+    path = write_solver(tmp_path, tiny_net() + EXTRA_DATA, max_iter=3, snapshot=3)
+    Solver(path, metrics=False).solve()
+    state, history = read_solverstate(tmp_path / "solver_iter_3.solverstate")
+    state.slim_state.ClearField("data")
+    state.slim_state.data_epoch, state.slim_state.data_position = 0, 48
+    write_solverstate(tmp_path / "old.solverstate", state, history)
+    solver = Solver(path, snapshot=str(tmp_path / "old.solverstate"), metrics=False)
+    assert solver.net.data_state() == {"data": (0, 48), "extra": (0, 48)}
+
+
+def test_the_fp16_loss_scale_is_saved_and_restored(tmp_path):
+    path = write_solver(tmp_path, tiny_net(), max_iter=2, snapshot=2)
+    solver = Solver(path, amp="fp16", metrics=False)
+    solver.step(1)
+    solver.precision.load_scaler_state(1024.0, 1)  # as if the scale had backed off and grown once since
+    solver.step(1)
+    solver.snapshot()
+    assert solver.precision.scaler_state() == (1024.0, 2)
+    state, _ = read_solverstate(tmp_path / "solver_iter_2.solverstate")
+    assert (state.slim_state.loss_scale, state.slim_state.loss_scale_growth) == (1024.0, 2)
+    resumed = Solver(path, amp="fp16", snapshot=str(tmp_path / "solver_iter_2.solverstate"), metrics=False)
+    assert resumed.precision.scaler_state() == (1024.0, 2)
+    # A float32 run neither saves a scale nor minds one in the snapshot it resumes from.
+    assert Solver(path, snapshot=str(tmp_path / "solver_iter_2.solverstate"), metrics=False).precision.scaler_state() \
+        is None
+    plain = Solver(path, metrics=False)
+    plain.step(2)
+    plain.snapshot()
+    assert not read_solverstate(tmp_path / "solver_iter_2.solverstate")[0].slim_state.HasField("loss_scale")
+
+
 def test_a_caffe_solverstate_without_slim_state_resumes(tmp_path):
     path = write_solver(tmp_path, tiny_net(), snapshot=2, max_iter=2)
     Solver(path, metrics=False).solve()
