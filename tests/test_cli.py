@@ -32,6 +32,18 @@ def test_deploy_matches_the_zoo_twin(tmp_path, capsys):
     assert "TOP:C,H,W" in capsys.readouterr().err
 
 
+def test_deploy_for_opencv_spells_floor_pooling_its_way(tmp_path, capsys):
+    from slim.io import read_net
+    resnet = ROOT / "nets" / "resnet20_cifar10.prototxt"
+    out = tmp_path / "cv.prototxt"
+    assert main(["deploy", str(resnet), "--opencv", "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "ceil_mode: false" in text and "round_mode" not in text
+    assert read_net(out) == read_net(ROOT / "nets" / "resnet20_cifar10_deploy.prototxt")
+    capsys.readouterr()
+    assert main(["deploy", str(resnet)]) == 0 and "round_mode: FLOOR" in capsys.readouterr().out
+
+
 def test_zoo_check_and_list(capsys):
     assert main(["zoo", "--check", "--out", str(ROOT / "nets")]) == 0
     assert main(["zoo", "--list"]) == 0

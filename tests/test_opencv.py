@@ -213,3 +213,19 @@ def test_real_v1_alexnet_deploy_against_opencv(tmp_path):
     text = re.sub(r"num_output: (\d+)", lambda m: f"num_output: {widths[m.group(1)]}", path.read_text())
     text = text.replace("input_dim: 10\n", "input_dim: 2\n", 1)
     assert compare_with_opencv(text, tmp_path, seed=4, prototxt_text=text) == 1
+
+
+def test_opencv_dialect_loads_a_cifar_resnet_with_floor_pooling(tmp_path):
+    # The zoo's CIFAR ResNets subsample their option-A shortcut with a 1x1 pooling of stride 2 and round_mode
+    # FLOOR, which OpenCV's importer cannot read; `slim deploy --opencv` writes it as OpenCV's ceil_mode: false.
+    from slim.io import net_to_text, read_net
+
+    path = Path(__file__).resolve().parents[1] / "nets" / "resnet20_cifar10_deploy.prototxt"
+    net_param = read_net(path)
+    assert any(l.pooling_param.round_mode == 1 for l in net_param.layer if l.type == "Pooling")  # FLOOR
+    text = net_to_text(net_param, opencv=True)
+    assert "round_mode" not in text and "ceil_mode: false" in text
+    assert parse_net(text) == net_param  # slim reads OpenCV's spelling back to the same net
+    with pytest.raises(cv2.error):  # the BVLC spelling fails there
+        compare_with_opencv(net_to_text(net_param), tmp_path, seed=7)
+    assert compare_with_opencv(net_to_text(net_param), tmp_path, seed=7, prototxt_text=text) == 1

@@ -427,3 +427,22 @@ def test_errors_from_files_name_the_path(tmp_path):
     path.write_text('layer {\n  name: "a"\n  bn_param { }\n}\n')
     with pytest.raises(ParseError, match=re.escape(f"{path}:3:3: ")):
         read_net(path)
+
+
+def test_opencv_dialect_writes_round_mode_as_opencv_reads_it():
+    net = parse_net("""
+layer { name: "ceil" type: "Pooling" bottom: "x" top: "a" pooling_param { pool: MAX kernel_size: 3 round_mode: CEIL } }
+layer { name: "floor" type: "Pooling" bottom: "x" top: "b"
+        pooling_param { kernel_size: 2 stride: 2 round_mode: FLOOR } }
+layer { name: "plain" type: "Pooling" bottom: "x" top: "c" pooling_param { pool: AVE kernel_size: 2 } }
+""")
+    text = net_to_text(net, opencv=True)
+    assert "round_mode" not in text and text.count("ceil_mode: false") == 1
+    assert re.search(r'name: "floor".*?pooling_param \{\n    kernel_size: 2\n    stride: 2\n    ceil_mode: false\n  \}',
+                     text, re.S)
+    expected = pb.NetParameter()
+    expected.CopyFrom(net)
+    expected.layer[0].pooling_param.ClearField("round_mode")  # CEIL is the default: left out
+    assert parse_net(text) == expected
+    assert net_to_text(net) == net_to_text(parse_net(net_to_text(net)))  # the BVLC spelling is untouched
+    assert "round_mode: FLOOR" in net_to_text(net)

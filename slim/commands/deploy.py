@@ -9,6 +9,9 @@ def register(sub):
     p.add_argument("--input-shape", action="append", default=[], metavar="TOP:C,H,W",
                    help="per-sample shape of a data top when it cannot be derived (repeatable)")
     p.add_argument("--batch", type=int, default=1, help="batch size of the Input layer (default 1)")
+    p.add_argument("--opencv", action="store_true",
+                   help="write for OpenCV's importer: FLOOR pooling as its ceil_mode: false (BVLC Caffe cannot read "
+                        "that file; slim reads both)")
     p.add_argument("--allow-unknown-fields", action="store_true", help="skip unknown prototxt fields with a warning")
     p.set_defaults(func=run)
 
@@ -36,8 +39,8 @@ def run(args) -> int:
     deploy = make_deploy(read_net(args.model, allow_unknown_fields=args.allow_unknown_fields),
                          input_shapes=_shapes(args.input_shape) or None, batch=args.batch)
     if args.output:
-        write_net(deploy, args.output)
+        write_net(deploy, args.output, opencv=args.opencv)
         print(f"wrote {args.output}")
     else:
-        print(net_to_text(deploy), end="")
+        print(net_to_text(deploy, opencv=args.opencv), end="")
     return 0

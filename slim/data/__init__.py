@@ -27,8 +27,8 @@ from slim.data.source import DEFAULT_SEED, ArraySamples, BatchSource, MemoryData
 from slim.data.transform import TransformSpec, build_transform, transform_output_shape
 from slim.errors import DataError
 
-__all__ = ["open_source", "infer_top_shapes", "sample_shape", "BatchSource", "MemoryDataSource", "Samples", "ArraySamples",
-           "TransformSpec", "DATA_LAYER_TYPES", "DEFAULT_SEED"]
+__all__ = ["open_source", "infer_top_shapes", "sample_shape", "BatchSource", "MemoryDataSource", "Samples",
+           "ArraySamples", "TransformSpec", "DATA_LAYER_TYPES", "DEFAULT_SEED"]
 
 DATA_LAYER_TYPES = ("SlimData", "Data", "ImageData", "MemoryData")
 

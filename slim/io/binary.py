@@ -39,7 +39,8 @@ from slim.io.atomic import atomic_write
 from slim.io.upgrade import upgrade_net
 
 __all__ = [
-    "CaffeModel", "LayerBlobs", "StreamedBlob", "read_caffemodel", "write_caffemodel", "read_solverstate", "write_solverstate",
+    "CaffeModel", "LayerBlobs", "StreamedBlob", "read_caffemodel", "write_caffemodel", "read_solverstate",
+    "write_solverstate",
     "read_blobproto", "write_blobproto",
 ]
 
@@ -707,7 +708,8 @@ def write_caffemodel(path, net: pb.NetParameter, blobs: Mapping[str, Sequence[An
         path: the file to write.
         net: a V2 NetParameter; any blobs already in it are ignored.
         blobs: layer name -> that layer's blobs (numpy arrays, torch tensors, nested lists or StreamedBlobs), in
-            Caffe's blob order. Layers missing here are written without blobs. Every layer of a duplicated name gets the blobs.
+            Caffe's blob order. Layers missing here are written without blobs. Every layer of a duplicated name
+            gets the blobs.
         keep_double: store float64 arrays as ``double_data``. By default every blob is stored as float32
             ``data``, because Caffe nets are float and OpenCV reads only ``data``.
 

@@ -565,10 +565,33 @@ def read_solver(path: PathLike, *, allow_unknown_fields: bool = False) -> "pb.So
     return solver
 
 
-def net_to_text(net: "pb.NetParameter") -> str:
+def net_to_text(net: "pb.NetParameter", *, opencv: bool = False) -> str:
     """The net as prototxt that Caffe reads: fields in number order (so ``layer``, field 100, comes last) and
-    floats in the shortest form that reads back to the same float32."""
-    return text_format.MessageToString(net, as_utf8=True)
+    floats in the shortest form that reads back to the same float32.
+
+    Args:
+        net: the net.
+        opencv: write for OpenCV's Caffe importer instead. Its caffe.proto has ``bool ceil_mode = 13`` where BVLC
+            has ``RoundMode round_mode = 13``, and it rejects ``round_mode`` whatever its value, so a CEIL round
+            mode (the default) is left out and FLOOR is written ``ceil_mode: false``. BVLC Caffe cannot read
+            ``ceil_mode``; slim reads both spellings.
+    """
+    if not opencv:
+        return text_format.MessageToString(net, as_utf8=True)
+    return text_format.MessageToString(net, as_utf8=True, message_formatter=_opencv_pooling)
+
+
+def _opencv_pooling(message, indent: int, as_one_line: bool):
+    """text_format's message_formatter for net_to_text(opencv=True): a PoolingParameter's round_mode in OpenCV's
+    spelling; None (the default printing) for every other message."""
+    if message.DESCRIPTOR.full_name != "caffe.PoolingParameter" or not message.HasField("round_mode"):
+        return None
+    floor = message.round_mode == pb.PoolingParameter.FLOOR
+    copy = type(message)()
+    copy.CopyFrom(message)
+    copy.ClearField("round_mode")
+    lines = text_format.MessageToString(copy, as_utf8=True).splitlines() + (["ceil_mode: false"] if floor else [])
+    return (" " if as_one_line else "\n" + " " * indent).join(lines)
 
 
 def solver_to_text(solver: "pb.SolverParameter") -> str:
@@ -576,10 +599,10 @@ def solver_to_text(solver: "pb.SolverParameter") -> str:
     return text_format.MessageToString(solver, as_utf8=True)
 
 
-def write_net(net: "pb.NetParameter", path: PathLike) -> None:
-    """Writes net_to_text(net) to `path` atomically (the old file stays whole if the write fails)."""
+def write_net(net: "pb.NetParameter", path: PathLike, *, opencv: bool = False) -> None:
+    """Writes net_to_text(net, opencv=opencv) to `path` atomically (the old file stays whole if the write fails)."""
     with atomic_write(path, "w") as f:
-        f.write(net_to_text(net))
+        f.write(net_to_text(net, opencv=opencv))
 
 
 def write_solver(solver: "pb.SolverParameter", path: PathLike) -> None:
