@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from slim import proto as pb  # noqa: E402
 from slim.io import read_net, solver_to_text, write_net  # noqa: E402
 from slim.solver import Hook, TrainConfig, train  # noqa: E402
+from _zoo_data import replace_train_data  # noqa: E402  (beside this script)
 
 NETS = {"resnet56": "nets/resnet56_cifar10.prototxt", "vgg19": "nets/vgg19_cifar10.prototxt"}
 
@@ -46,23 +47,19 @@ class IterationTimes(Hook):
                 Path(self.out).write_text(json.dumps(self.times))
 
 
+def _constant_data(layer: pb.LayerParameter) -> pb.LayerParameter:
+    dummy = pb.LayerParameter(name=layer.name, type="DummyData", top=list(layer.top))
+    dp = dummy.dummy_data_param
+    dp.shape.add().dim.extend([64, 3, 32, 32])
+    dp.shape.add().dim.extend([64])
+    dp.data_filler.add(type="constant", value=0.5)
+    dp.data_filler.add(type="constant", value=1)
+    return dummy
+
+
 def constant_data_net(path: str, folder: Path) -> Path:
     net = read_net(ROOT / path)
-    kept = []
-    for layer in net.layer:
-        if layer.type == "SlimData":
-            if layer.include and layer.include[0].phase == pb.TEST:
-                continue
-            dummy = pb.LayerParameter(name=layer.name, type="DummyData", top=list(layer.top))
-            dp = dummy.dummy_data_param
-            dp.shape.add().dim.extend([64, 3, 32, 32])
-            dp.shape.add().dim.extend([64])
-            dp.data_filler.add(type="constant", value=0.5)
-            dp.data_filler.add(type="constant", value=1)
-            layer = dummy
-        kept.append(layer)
-    del net.layer[:]
-    net.layer.extend(kept)
+    replace_train_data(net, _constant_data)
     out = folder / "net.prototxt"
     write_net(net, out)
     return out

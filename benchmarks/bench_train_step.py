@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from slim import proto as pb  # noqa: E402
 from slim.io import parse_solver, read_net  # noqa: E402
 from slim.solver import Solver  # noqa: E402
+from _zoo_data import replace_train_data  # noqa: E402  (beside this script)
 
 BATCH = 64
 PENALTY = 1e-4
@@ -104,19 +105,14 @@ NETS = {"vgg19": ("nets/vgg19_cifar10.prototxt", VGG), "resnet56": ("nets/resnet
 def slim_solver(path, images, labels, device):
     """A Solver on the zoo net whose TRAIN data layer is a MemoryData layer holding the batch."""
     net = read_net(ROOT / path)
-    kept = []
-    for layer in net.layer:
-        if layer.type == "SlimData":
-            if layer.include and layer.include[0].phase == pb.TEST:
-                continue
-            memory = pb.LayerParameter(name=layer.name, type="MemoryData", top=list(layer.top))
-            memory.memory_data_param.batch_size = BATCH
-            memory.memory_data_param.channels, memory.memory_data_param.height = 3, 32
-            memory.memory_data_param.width = 32
-            layer = memory
-        kept.append(layer)
-    del net.layer[:]
-    net.layer.extend(kept)
+
+    def memory_data(layer):
+        memory = pb.LayerParameter(name=layer.name, type="MemoryData", top=list(layer.top))
+        p = memory.memory_data_param
+        p.batch_size, p.channels, p.height, p.width = BATCH, 3, 32, 32
+        return memory
+
+    replace_train_data(net, memory_data)
     solver = parse_solver(f'base_lr: 0.1 lr_policy: "fixed" momentum: 0.9 weight_decay: 1e-4 max_iter: 1000000 '
                           f'display: 0 snapshot_after_train: false random_seed: 1 sparsity {{ penalty: {PENALTY} }}')
     solver.net_param.CopyFrom(net)
