@@ -239,3 +239,35 @@ def test_a_slice_top_is_never_emptied():
     assert kept(result)["c"] == [1, 3, 4, 5]           # 0-2 asked for; s1 would be empty, so its best (1) returns
     sl = next(l for l in result.net.layer if l.name == "sl")
     assert list(sl.slice_param.slice_point) == [1]
+
+
+def test_filter_norms_are_normalised_per_layer_before_a_global_ranking():
+    # c1 and c2 have the same filter pattern, c2's 100 times larger (its fan-in, say): raw L1 norms would strip c1;
+    # normalised by each layer's mean (l1's default), the global 50% takes the same share of both.
+    net = parse_net(inp() + cbs("c1", "data", 8) + cbs("c2", "c1", 8) + fc("fc", "c2", 4))
+    blobs = synthetic_blobs(net)
+    scale = np.arange(1, 9, dtype=np.float32).reshape(8, 1, 1, 1)
+    blobs["c1"][0] = np.ones((8, 3, 3, 3), np.float32) * scale
+    blobs["c2"][0] = np.ones((8, 8, 3, 3), np.float32) * scale * 100 * 3 / 8   # the same norms, times 100
+    analysis = analyze(build_graph(net))
+    raw = channel_scores(analysis, blobs, "l1").score
+    normalised = channel_scores(analysis, blobs, "l1", normalize="mean").score
+    c1, c2 = analysis.blob_channels["c1"], analysis.blob_channels["c2"]
+    np.testing.assert_allclose(raw[c2], 100 * raw[c1], rtol=1e-6)
+    np.testing.assert_allclose(normalised[c1], normalised[c2], rtol=1e-6)
+    np.testing.assert_allclose(normalised[c1].mean(), 1.0, rtol=1e-6)
+    maxed = channel_scores(analysis, blobs, "l1", normalize="max").score
+    np.testing.assert_allclose(maxed[c1], np.arange(1, 9) / 8, rtol=1e-6)
+
+    default = prune_net(net, blobs, PrunePolicy(percent=0.5, criterion="l1"))
+    assert kept(default) == {"c1": [4, 5, 6, 7], "c2": [4, 5, 6, 7], "fc": [0, 1, 2, 3]}
+    assert default.report.policy["normalize"] == "mean"
+    unscaled = prune_net(net, blobs, PrunePolicy(percent=0.5, criterion="l1", normalize="none"))
+    assert kept(unscaled) == {"c1": [7], "c2": [1, 2, 3, 4, 5, 6, 7], "fc": [0, 1, 2, 3]}  # c1: min_channels
+    # slimming's gammas are comparable across layers after BatchNorm: not normalised unless asked.
+    assert PrunePolicy(percent=0.5).normalizer == "none"
+    assert prune_net(net, blobs, PrunePolicy(percent=0.5)).report.policy["normalize"] == "none"
+    with pytest.raises(PruneError, match="--normalize must be one of none, mean, max; got 'median'"):
+        PrunePolicy(percent=0.5, normalize="median").check()
+    with pytest.raises(PruneError, match="Unknown normaliser 'median'"):
+        channel_scores(analysis, blobs, "l1", normalize="median")

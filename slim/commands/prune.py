@@ -66,6 +66,9 @@ def register(sub) -> None:
                      help="importance: slimming (|Scale gamma|, default), l1 or l2 (filter norms)")
     how.add_argument("--tie-rule", default="union", choices=["union", "max", "mean", "sum"],
                      help="channels tied across layers: union keeps one if any member would (default)")
+    how.add_argument("--normalize", choices=["none", "mean", "max"],
+                     help="scale each layer's scores by their mean or max before one global ranking (default: none "
+                          "for slimming, mean for l1/l2, whose norms grow with fan-in)")
     how.add_argument("--policy", default="global", choices=["global", "layer"],
                      help="one ranking over the net (default) or --percent within each group")
     how.add_argument("--layer-percent", action="append", default=[], metavar="LAYER=P",
@@ -118,8 +121,8 @@ def run(args) -> int:
         policy = PrunePolicy(percent=args.percent, scope=args.policy, layer_percent=_layer_percent(args.layer_percent),
                              target_macs=parse_count(args.target_macs) if args.target_macs is not None else None,
                              speedup=args.speedup, criterion=args.criterion, tie_rule=args.tie_rule,
-                             min_channels=count, min_fraction=fraction, max_prune=args.max_prune_per_layer,
-                             round_to=args.round_to, protect=tuple(args.protect))
+                             normalize=args.normalize, min_channels=count, min_fraction=fraction,
+                             max_prune=args.max_prune_per_layer, round_to=args.round_to, protect=tuple(args.protect))
         policy.check()
     result = prune_net(args.model, args.weights, policy, absorb_bias=args.absorb_bias, replay=replay,
                        phase=args.phase, allow_unknown_fields=args.allow_unknown_fields)

@@ -184,7 +184,7 @@ def prune_net(net: Union[str, Path, "pb.NetParameter"], weights: Weights, policy
         criterion = tie_rule = None
         described: Dict[str, object] = {}
     else:
-        scores = channel_scores(analysis, blobs, policy.criterion, policy.tie_rule)
+        scores = channel_scores(analysis, blobs, policy.criterion, policy.tie_rule, policy.normalizer)
         plan = make_plan(analysis, scores, policy, macs_of)
         criterion, tie_rule, described = policy.criterion, policy.tie_rule, policy.describe()
 

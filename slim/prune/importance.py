@@ -8,6 +8,12 @@ array of length ``group.size`` per *member* that has an opinion (a Scale layer f
     def l2(group, blobs):
         return [_norm(gs, blobs, 2) for gs in group.slots if gs.slot.side == "output" and gs.slot.blob == 0]
 
+Before ranking, each member's scores may be normalised by their own mean (``--normalize mean``): filter norms grow
+with a layer's fan-in, so one global ranking of raw L1 norms would empty the layers with few inputs per filter;
+normalised, a global percent removes the relatively weakest filters of every layer (Torch-Pruning's global pruning
+normalises the same way). Scale gammas after BatchNorm are comparable across layers as they are, which is what the
+paper's global threshold relies on, so ``slimming`` is not normalised by default.
+
 ``channel_scores`` combines the members of every group into one score per channel by a tie rule (a channel of a
 group tied by an Eltwise has several members): ``union`` and ``max`` rank a channel by its strongest member, so it
 stays while any member would keep it (the union rule of pytorch-network-slimming's shortcut schema); ``mean`` and
@@ -26,7 +32,7 @@ from slim.errors import PruneError
 from slim.prune.groups import ChannelAnalysis, ChannelGroup, GroupSlot
 
 __all__ = ["Criterion", "register_criterion", "criterion", "criteria", "ChannelScores", "channel_scores",
-           "TIE_RULES"]
+           "TIE_RULES", "NORMALIZERS", "default_normalizer"]
 
 Criterion = Callable[[ChannelGroup, Mapping[str, Sequence[np.ndarray]]], List[np.ndarray]]
 
@@ -34,6 +40,24 @@ _CRITERIA: Dict[str, Criterion] = {}
 
 #: How the members of a tied group combine into one score per channel.
 TIE_RULES = ("union", "max", "mean", "sum")
+
+#: How each member's scores are scaled before ranking: not at all, or divided by their mean or their maximum.
+NORMALIZERS = ("none", "mean", "max")
+
+
+def default_normalizer(criterion_name: str) -> str:
+    """"none" for ``slimming`` (gammas after BatchNorm share one scale), "mean" for every other criterion."""
+    return "none" if criterion_name == "slimming" else "mean"
+
+
+def _normalized(values: np.ndarray, how: str) -> np.ndarray:
+    """One member's scores divided by their mean or maximum (NaN where it has no opinion; left as they are when
+    that is 0, as for a layer whose filters are all zero)."""
+    if how == "none":
+        return values
+    finite = values[~np.isnan(values)]
+    d = float(finite.mean() if how == "mean" else finite.max()) if len(finite) else 0.0
+    return values / d if d > 0 else values
 
 
 def register_criterion(name: str):
@@ -133,16 +157,25 @@ class ChannelScores:
 
 
 def channel_scores(analysis: ChannelAnalysis, blobs: Mapping[str, Sequence[np.ndarray]], name: str = "slimming",
-                   tie_rule: str = "union") -> ChannelScores:
+                   tie_rule: str = "union", normalize: str = "none") -> ChannelScores:
     """Score every channel with criterion ``name``, combining a tied channel's members by ``tie_rule``.
 
+    Args:
+        analysis: the net's channel analysis.
+        blobs: layer name -> blobs.
+        name: the criterion.
+        tie_rule: how a tied channel's members combine (TIE_RULES).
+        normalize: how each member's scores are scaled first (NORMALIZERS; see ``default_normalizer``).
+
     Raises:
-        PruneError: unknown criterion or tie rule; a criterion that scores no channel at all (for ``slimming``: the
-            net has no Scale layer after its producers), naming the layers that lack scores.
+        PruneError: unknown criterion, tie rule or normaliser; a criterion that scores no channel at all (for
+            ``slimming``: the net has no Scale layer after its producers), naming the layers that lack scores.
     """
     fn = criterion(name)
     if tie_rule not in TIE_RULES:
         raise PruneError(f"Unknown tie rule {tie_rule!r}; choose one of {', '.join(TIE_RULES)} (--tie-rule).")
+    if normalize not in NORMALIZERS:
+        raise PruneError(f"Unknown normaliser {normalize!r}; choose one of {', '.join(NORMALIZERS)} (--normalize).")
     n = analysis.num_channels
     score = np.full(n, np.nan)
     members = np.zeros(n, np.int64)
@@ -153,7 +186,7 @@ def channel_scores(analysis: ChannelAnalysis, blobs: Mapping[str, Sequence[np.nd
         per_member = fn(group, blobs)
         if not per_member:
             continue
-        stack = np.vstack(per_member)
+        stack = np.vstack([_normalized(np.asarray(m, np.float64), normalize) for m in per_member])
         valid = ~np.isnan(stack)
         count = valid.sum(0)
         with np.errstate(invalid="ignore"):

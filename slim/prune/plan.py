@@ -31,7 +31,7 @@ import numpy as np
 
 from slim.errors import PruneError
 from slim.prune.groups import ChannelAnalysis
-from slim.prune.importance import TIE_RULES, ChannelScores
+from slim.prune.importance import NORMALIZERS, TIE_RULES, ChannelScores, default_normalizer
 
 __all__ = ["PrunePolicy", "PrunePlan", "make_plan", "plan_from_kept"]
 
@@ -49,6 +49,8 @@ class PrunePolicy:
         speedup: original MACs / pruned MACs to reach (within 1%); an alternative to ``target_macs``.
         criterion: the importance criterion (slim.prune.importance: slimming, l1, l2, ...).
         tie_rule: how a tied channel's members combine: union (default), max, mean, sum.
+        normalize: how each layer's scores are scaled before one global ranking: none, mean or max; None picks the
+            criterion's default (none for slimming, mean for filter norms: slim.prune.importance).
         min_channels: channels every group keeps at least.
         min_fraction: fraction of its channels every group keeps at least.
         max_prune: fraction of its channels a group may lose at most.
@@ -63,6 +65,7 @@ class PrunePolicy:
     speedup: Optional[float] = None
     criterion: str = "slimming"
     tie_rule: str = "union"
+    normalize: Optional[str] = None
     min_channels: int = 1
     min_fraction: float = 0.0
     max_prune: float = 1.0
@@ -94,6 +97,8 @@ class PrunePolicy:
             raise PruneError(f"--speedup must be at least 1 (original MACs / pruned MACs); got {self.speedup}.")
         if self.tie_rule not in TIE_RULES:
             raise PruneError(f"--tie-rule must be one of {', '.join(TIE_RULES)}; got {self.tie_rule!r}.")
+        if self.normalize is not None and self.normalize not in NORMALIZERS:
+            raise PruneError(f"--normalize must be one of {', '.join(NORMALIZERS)}; got {self.normalize!r}.")
         if self.min_channels < 1:
             raise PruneError(f"--min-channels must keep at least 1 channel per layer; got {self.min_channels}.")
         if not 0 <= self.min_fraction <= 1:
@@ -103,9 +108,15 @@ class PrunePolicy:
         if self.round_to < 1:
             raise PruneError(f"--round-to must be a positive channel multiple; got {self.round_to}.")
 
+    @property
+    def normalizer(self) -> str:
+        """``normalize``, or the criterion's default when it is None."""
+        return self.normalize if self.normalize is not None else default_normalizer(self.criterion)
+
     def describe(self) -> Dict[str, object]:
-        """The policy as plain values (for the JSON report)."""
+        """The policy as plain values (for the JSON report), with the normaliser resolved."""
         out = dataclasses.asdict(self)
+        out["normalize"] = self.normalizer
         out["layer_percent"] = dict(self.layer_percent)
         out["protect"] = list(self.protect)
         return out
