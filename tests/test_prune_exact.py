@@ -314,3 +314,27 @@ def test_pruned_blobs_reads_as_a_dict_and_keeps_changes(tmp_path):
     stored = read_caffemodel(tmp_path / "p.caffemodel").blobs_by_name()
     np.testing.assert_array_equal(stored["conv3"].blobs[1], 7)
 
+
+
+def test_streamed_transplant_from_a_mapped_caffemodel_with_unaligned_blobs(tmp_path, monkeypatch):
+    # Blob data in a .caffemodel starts at any byte, so the mapped arrays are often unaligned (numpy's slow paths);
+    # the rows are gathered by runs of consecutive indices. Same bytes as from in-memory arrays.
+    import slim.prune.rewrite as rewrite
+    from slim.io import read_caffemodel, write_caffemodel
+    from slim.prune import write_pruned
+
+    monkeypatch.setattr(rewrite, "_BLOCK_BYTES", 100)
+    net = parse_net(GROUPED, "grouped")
+    blobs = random_blobs(net, 9)
+    write_caffemodel(tmp_path / "w.caffemodel", net, blobs)
+    mapped = read_caffemodel(tmp_path / "w.caffemodel")
+    assert not all(b.flags.aligned for layer in mapped.layers for b in layer.blobs)
+    policy = PrunePolicy(percent=0.5)
+    write_pruned(prune_net(net, mapped, policy), tmp_path / "from_file")
+    write_pruned(prune_net(net, blobs, policy), tmp_path / "from_memory")
+    assert (tmp_path / "from_file.caffemodel").read_bytes() == (tmp_path / "from_memory.caffemodel").read_bytes()
+    whole = prune_net(net, mapped, policy).blobs                          # read, not streamed: indexing path
+    again = prune_net(net, blobs, policy).blobs
+    for name in whole:
+        for a, b in zip(whole[name], again[name]):
+            np.testing.assert_array_equal(a, b)
