@@ -236,3 +236,16 @@ def test_skip_starts_inside_the_first_epoch():
                          TransformSpec(phase=pb.TRAIN, in_shape=(1, 1, 1)), 3, shuffle=False, skip=13)
     assert source.state() == (0, 3)
     np.testing.assert_array_equal(source.next_batch()[1].numpy(), [3, 4, 5])
+
+
+@pytest.mark.parametrize("module, call, install", [
+    ("lmdb", lambda: __import__("slim.data.lmdb_source", fromlist=["_lmdb"])._lmdb('Layer "d" (Data)'),
+     r"reading an LMDB database needs the lmdb package, which is not installed. Run `pip install slim\[lmdb\]`"),
+    ("PIL.Image", lambda: __import__("slim.data.folder", fromlist=["_pillow"])._pillow('Layer "d" (ImageData)'),
+     r"reading image files needs Pillow, which is not installed. Run `pip install slim\[image\]`"),
+])
+def test_a_missing_optional_dependency_names_the_layer_and_the_install_command(monkeypatch, module, call, install):
+    import sys
+    monkeypatch.setitem(sys.modules, module, None)      # import raises ImportError
+    with pytest.raises(DataError, match=r'^Layer "d" \(\w+\): ' + install):
+        call()

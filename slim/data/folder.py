@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slim.data.source import optional_module
 from slim.errors import DataError
 
 __all__ = ["IMAGE_EXTENSIONS", "FileSamples", "read_image_list", "scan_image_folder", "open_image_data",
@@ -43,12 +44,8 @@ _DECODE_THREADS = min(8, os.cpu_count() or 1)
 
 
 def _pillow(where: str):
-    try:
-        from PIL import Image
-    except ImportError as e:
-        raise DataError(f"{where}: reading image files needs Pillow, which is not installed. Run "
-                        "`pip install slim[image]` (or `pip install pillow`).") from e
-    return Image
+    return optional_module("PIL.Image", where=where, needed_for="reading image files", what="Pillow", extra="image",
+                           pip_name="pillow")
 
 
 def image_header(source, *, where: str) -> tuple[int, int, str]:

@@ -17,18 +17,15 @@ import numpy as np
 
 from slim import proto as pb
 from slim.data.folder import decode_image
+from slim.data.source import optional_module
 from slim.errors import DataError
 
 __all__ = ["LmdbSamples", "open_lmdb"]
 
 
 def _lmdb(where: str):
-    try:
-        import lmdb
-    except ImportError as e:
-        raise DataError(f"{where}: reading an LMDB database needs the lmdb package, which is not installed. Run "
-                        "`pip install slim[lmdb]` (or `pip install lmdb`).") from e
-    return lmdb
+    return optional_module("lmdb", where=where, needed_for="reading an LMDB database", what="the lmdb package",
+                           extra="lmdb", pip_name="lmdb")
 
 
 class LmdbSamples:

@@ -16,6 +16,7 @@ Only numpy is needed to open a source and read its shapes; torch is imported whe
 """
 
 import hashlib
+import importlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,7 +25,26 @@ import numpy as np
 from slim.data.transform import TransformSpec
 from slim.errors import DataError
 
-__all__ = ["BatchSource", "MemoryDataSource", "Samples", "ArraySamples", "derive_seed", "shard_order", "DEFAULT_SEED"]
+__all__ = ["BatchSource", "MemoryDataSource", "Samples", "ArraySamples", "derive_seed", "shard_order", "DEFAULT_SEED",
+           "optional_module"]
+
+
+def optional_module(name: str, *, where: str, needed_for: str, what: str, extra: str, pip_name: str):
+    """Import an optional dependency, or raise a DataError naming the layer and the install command.
+
+    Args:
+        name: the module to import.
+        where: names the layer, e.g. 'Layer "data" (Data)'.
+        needed_for: what needs it, e.g. "reading an LMDB database".
+        what: how to call the dependency in the message, e.g. "the lmdb package".
+        extra: slim's extra that installs it (``pip install slim[extra]``).
+        pip_name: its own package name on PyPI.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise DataError(f"{where}: {needed_for} needs {what}, which is not installed. Run `pip install slim[{extra}]` "
+                        f"(or `pip install {pip_name}`).") from e
 
 # The seed used when the caller gives none (Caffe's random_seed: -1). It must be the same on every process, or the
 # shards of a shuffled dataset would overlap; a fixed value also makes runs reproducible by default.
