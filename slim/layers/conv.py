@@ -11,7 +11,7 @@ from typing import List, Tuple
 from slim import proto as pb
 from slim.layers._lazy import F
 from slim.layers.base import ChannelRole, Layer, count, register
-from slim.layers.fillers import fill
+from slim.layers.fillers import fill_weight_and_bias
 
 __all__ = ["Convolution", "Deconvolution", "conv_geometry"]
 
@@ -105,12 +105,7 @@ class _ConvBase(Layer):
                            absorbs_constants=unpadded)
 
     def init_blobs(self, generator):
-        cp = self.param.convolution_param
-        where = f"layer {self.name!r}"
-        blobs = [fill(cp.weight_filler, self.blob_shapes[0], generator, where)]
-        if cp.bias_term:
-            blobs.append(fill(cp.bias_filler, self.blob_shapes[1], generator, where))
-        return blobs
+        return fill_weight_and_bias(self.param.convolution_param, self.blob_shapes, generator, f"layer {self.name!r}")
 
 
 @register

@@ -11,7 +11,7 @@ from slim import proto as pb
 from slim.errors import NetError
 from slim.layers._lazy import torch
 
-__all__ = ["fill", "constant_filler"]
+__all__ = ["fill", "fill_weight_and_bias", "constant_filler"]
 
 
 def constant_filler(value: float) -> "pb.FillerParameter":
@@ -78,3 +78,12 @@ def fill(filler: "pb.FillerParameter", shape, generator, where: str = "blob"):
         return kernel.expand(shape).contiguous()
     raise NetError(f"{where}: unknown filler type {kind!r}; use constant, uniform, gaussian, positive_unitball, "
                    f"xavier, msra or bilinear.")
+
+
+def fill_weight_and_bias(param, shapes, generator, where: str) -> list:
+    """The weight from ``param.weight_filler`` and, with ``param.bias_term``, the bias from ``param.bias_filler``
+    (Convolution's and InnerProduct's blobs)."""
+    blobs = [fill(param.weight_filler, shapes[0], generator, where)]
+    if param.bias_term:
+        blobs.append(fill(param.bias_filler, shapes[1], generator, where))
+    return blobs

@@ -2,7 +2,7 @@
 
 from slim.layers._lazy import F
 from slim.layers.base import ChannelRole, Layer, canonical_axis, count, register
-from slim.layers.fillers import fill
+from slim.layers.fillers import fill_weight_and_bias
 
 __all__ = ["InnerProduct"]
 
@@ -38,12 +38,7 @@ class InnerProduct(Layer):
         return ChannelRole("barrier")
 
     def init_blobs(self, generator):
-        ip = self.param.inner_product_param
-        where = f"layer {self.name!r}"
-        blobs = [fill(ip.weight_filler, self.blob_shapes[0], generator, where)]
-        if ip.bias_term:
-            blobs.append(fill(ip.bias_filler, self.blob_shapes[1], generator, where))
-        return blobs
+        return fill_weight_and_bias(self.param.inner_product_param, self.blob_shapes, generator, f"layer {self.name!r}")
 
     def forward(self, blobs, bottoms):
         x = bottoms[0]

@@ -323,6 +323,15 @@ def _check_no_momentum(rule: UpdateRule) -> None:
                    f"{rule.momentum:g}. Remove momentum from the solver.")
 
 
+def _rms_step(grads, h, delta: float, local_rate):
+    """``local_rate * g / (sqrt(h) + delta)`` in place of the gradients (AdaGrad's and RMSProp's step)."""
+    denom = torch._foreach_sqrt(h)
+    torch._foreach_add_(denom, delta)
+    torch._foreach_div_(grads, denom)
+    torch._foreach_mul_(grads, local_rate)
+    return grads
+
+
 @register_rule("AdaGrad")
 class AdaGrad(UpdateRule):
     """Caffe's AdaGrad: ``h += g^2``; ``w -= local_rate * g / (sqrt(h) + delta)``. Needs momentum 0."""
@@ -333,11 +342,7 @@ class AdaGrad(UpdateRule):
     def _compute(self, chunk, grads, local_rate, iter):
         (h,) = chunk.history
         torch._foreach_addcmul_(h, grads, grads)
-        denom = torch._foreach_sqrt(h)
-        torch._foreach_add_(denom, self.delta)
-        torch._foreach_div_(grads, denom)
-        torch._foreach_mul_(grads, local_rate)
-        return grads
+        return _rms_step(grads, h, self.delta, local_rate)
 
 
 @register_rule("RMSProp")
@@ -358,11 +363,7 @@ class RMSProp(UpdateRule):
         (h,) = chunk.history
         torch._foreach_mul_(h, self.rms_decay)
         torch._foreach_addcmul_(h, grads, grads, value=_f32(1.0 - self.rms_decay))
-        denom = torch._foreach_sqrt(h)
-        torch._foreach_add_(denom, self.delta)
-        torch._foreach_div_(grads, denom)
-        torch._foreach_mul_(grads, local_rate)
-        return grads
+        return _rms_step(grads, h, self.delta, local_rate)
 
 
 @register_rule("AdaDelta")
