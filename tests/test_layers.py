@@ -140,6 +140,22 @@ def test_pooling_pad_h_clips_the_width_too():
     assert layer.top_shapes == [(1, 1, 4, 4)]
 
 
+@pytest.mark.parametrize("fields, message", [
+    ("kernel_size: 2 pad: 1 pad_h: 1", "give pad or pad_h/pad_w, not both"),
+    ("kernel_size: 2 stride: 2 stride_w: 1", "give stride or stride_h/stride_w, not both"),
+    ("kernel_size: 2 kernel_h: 2", "give kernel_size or kernel_h/kernel_w, not both"),
+])
+def test_pooling_refuses_a_field_given_both_ways(fields, message):
+    with pytest.raises(NetError, match=message):
+        make_layer("Pooling", f"pooling_param {{ pool: MAX {fields} }}", shapes=[(1, 1, 6, 6)])
+
+
+def test_pooling_stride_h_and_w():
+    layer = make_layer("Pooling", "pooling_param { pool: MAX kernel_size: 2 stride_h: 2 stride_w: 1 }",
+                       shapes=[(1, 1, 6, 6)])
+    assert (layer.stride, layer.pad) == ((2, 1), (0, 0)) and layer.top_shapes == [(1, 1, 3, 5)]
+
+
 @pytest.mark.parametrize("mode", ["MAX", "AVE"])
 def test_global_pooling(mode):
     x = rand(2, 3, 5, 4, seed=1)

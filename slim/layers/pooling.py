@@ -71,18 +71,7 @@ class Pooling(Layer):
             kernel = (pp.kernel_h, pp.kernel_w)
         else:
             raise ValueError("a kernel is required: kernel_size, kernel_h and kernel_w, or global_pooling: true")
-        if pp.HasField("pad_h") or pp.HasField("pad_w"):
-            if pp.HasField("pad"):
-                raise ValueError("give pad or pad_h/pad_w, not both")
-            pad = (pp.pad_h, pp.pad_w)
-        else:
-            pad = (pp.pad, pp.pad)
-        if pp.HasField("stride_h") or pp.HasField("stride_w"):
-            if pp.HasField("stride"):
-                raise ValueError("give stride or stride_h/stride_w, not both")
-            stride = (pp.stride_h, pp.stride_w)
-        else:
-            stride = (pp.stride, pp.stride)
+        pad, stride = _h_w(pp, "pad"), _h_w(pp, "stride")
         if pp.global_pooling and (pad != (0, 0) or stride != (1, 1)):
             raise ValueError("global_pooling requires pad 0 and stride 1")
         if min(kernel) <= 0 or min(stride) <= 0:
@@ -154,3 +143,13 @@ class Pooling(Layer):
 
     def macs(self):
         return count(self.top_shapes[0]) * math.prod(self.kernel)
+
+
+def _h_w(pp, name: str) -> tuple:
+    """(height, width) of a PoolingParameter field given as ``name`` or as ``name_h`` and ``name_w``."""
+    if pp.HasField(f"{name}_h") or pp.HasField(f"{name}_w"):
+        if pp.HasField(name):
+            raise ValueError(f"give {name} or {name}_h/{name}_w, not both")
+        return getattr(pp, f"{name}_h"), getattr(pp, f"{name}_w")
+    value = getattr(pp, name)
+    return value, value
