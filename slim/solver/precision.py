@@ -59,17 +59,19 @@ class MixedPrecision:
             self.scaler = torch.amp.GradScaler(self.device.type)
             self._step = _UpdateStep([t for t in tensors if t.requires_grad])
 
+    def _scaler_dict(self) -> dict:
+        """The gradient scaler's state_dict; empty without a scaler, or with a disabled one."""
+        return self.scaler.state_dict() if self.scaler is not None else {}
+
     def scaler_state(self) -> Optional[Tuple[float, int]]:
         """(scale, overflow-free iterations since it last changed) of the fp16 gradient scaler, for snapshots;
         None without one."""
-        state = self.scaler.state_dict() if self.scaler is not None else {}
-        if not state:  # no scaler, or a disabled one
-            return None
-        return float(state["scale"]), int(state["_growth_tracker"])
+        state = self._scaler_dict()
+        return (float(state["scale"]), int(state["_growth_tracker"])) if state else None
 
     def load_scaler_state(self, scale: float, growth: int) -> None:
         """Restore ``scaler_state`` (nothing to do without fp16: a resumed run may change --amp)."""
-        state = self.scaler.state_dict() if self.scaler is not None else {}
+        state = self._scaler_dict()
         if state:
             state.update(scale=float(scale), _growth_tracker=int(growth))
             self.scaler.load_state_dict(state)

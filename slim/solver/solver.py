@@ -462,9 +462,8 @@ class Solver:
             self._diverged_weights()
         if self.progress is not None:
             self.progress.clear()
-        data = [DataPosition(name, epoch, position) for name, (epoch, position) in self.net.data_state().items()]
-        for i, net in enumerate(self.test_nets):
-            data += [DataPosition(name, epoch, position, i) for name, (epoch, position) in net.data_state().items()]
+        data = [DataPosition(name, epoch, position, key) for key, net in self._data_nets().items()
+                for name, (epoch, position) in net.data_state().items()]
         _, state_path = write_snapshot(
             self.param.snapshot_prefix, self.iter, self.net, current_step=self.schedule.current_step,
             history=self.rule.history, rng_states=rng, cuda_rng_states=cuda_rng, data=data,
@@ -514,12 +513,14 @@ class Solver:
         if self.metrics is not None:
             self.metrics.truncate_from(self.iter)
 
+    def _data_nets(self) -> dict:
+        """The nets whose data positions a snapshot keeps: None -> the train net, i -> test net i."""
+        return {None: self.net, **dict(enumerate(self.test_nets))}
 
     def _restore_data(self, state: ResumeState) -> None:
         """Put every data layer back where the snapshot says; a layer it does not know starts afresh, with a
         warning (the net was edited)."""
-        nets = {None: self.net, **dict(enumerate(self.test_nets))}
-        for key, net in nets.items():
+        for key, net in self._data_nets().items():
             saved = {d.layer: (d.epoch, d.position) for d in state.data if d.test_net == key}
             missing = sorted(set(net.data_state()) - set(saved))
             if missing:
