@@ -5,7 +5,8 @@ and what was found, and says how to fix it. The command line prints the message 
 with status 2. ``assert`` is kept for internal invariants.
 """
 
-__all__ = ["SlimError", "ParseError", "NetError", "WeightsError", "SolverError", "DataError", "PruneError"]
+__all__ = ["SlimError", "ParseError", "NetError", "WeightsError", "SolverError", "DataError", "PruneError", "OutputError",
+           "ResourceError"]
 
 
 class SlimError(Exception):
@@ -34,3 +35,11 @@ class DataError(SlimError):
 
 class PruneError(SlimError):
     """A pruning request cannot be carried out."""
+
+
+class OutputError(SlimError):
+    """An output file cannot be written: the disk is full, the folder is read-only or not writable."""
+
+
+class ResourceError(SlimError):
+    """A file or net would need more memory than this process may allocate."""
