@@ -5,8 +5,8 @@ and what was found, and says how to fix it. The command line prints the message 
 with status 2. ``assert`` is kept for internal invariants.
 """
 
-__all__ = ["SlimError", "ParseError", "NetError", "WeightsError", "SolverError", "DataError", "PruneError", "OutputError",
-           "ResourceError"]
+__all__ = ["SlimError", "ParseError", "NetError", "WeightsError", "SolverError", "DataError", "PruneError",
+           "OutputError", "ResourceError"]
 
 
 class SlimError(Exception):
