@@ -13,6 +13,7 @@ names) are the same Parameter object in every layer that names them.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import warnings
 from collections import OrderedDict
@@ -29,6 +30,8 @@ from slim.graph import LayerNode, NetGraph, build_graph, parse_phase
 from slim.layers.data import _SourceLayer
 
 __all__ = ["Net", "NetOutput", "LearnableParam"]
+
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -309,21 +312,32 @@ class Net(nn.Module):
     def load_weights(self, weights) -> List[str]:
         """Copy blobs from a .caffemodel (path or slim.io.CaffeModel) into the layers of the same name.
 
-        Caffe's CopyTrainedLayersFrom: source layers without a match are ignored; blob counts and shapes must match
-        exactly (legacy 4-D blobs compare against the last four axes, padded with 1s). Returns the names of the
-        layers that were loaded.
+        Caffe's CopyTrainedLayersFrom: source layers without a match are ignored (each logged, as Caffe does);
+        blob counts and shapes must match exactly (legacy 4-D blobs compare against the last four axes, padded with
+        1s). The net's layers that the file does not hold keep their filler values, with a warning naming them.
+        Returns the names of the layers that were loaded.
 
         Raises:
-            WeightsError: a blob count or shape mismatch, naming the layer, blob index, expected and found shapes.
+            WeightsError: no layer of the file matches a layer of the net that has blobs (weights of another net:
+                scoring or training from them would silently use fillers); a blob count or shape mismatch, naming
+                the layer, blob index, expected and found shapes.
         """
         from slim.io import read_caffemodel
         model = read_caffemodel(weights) if isinstance(weights, (str, Path)) else weights
         source = getattr(model, "path", "<weights>")
         params = self.params
+        names = {node.name for node in self.graph.layers}
         loaded = []
         with torch.no_grad():
             for entry in model.layers:
                 if entry.name not in params:
+                    if entry.name not in names:
+                        _log.info("Ignoring source layer %s", entry.name)
+                    elif entry.blobs:
+                        raise WeightsError(
+                            f"{source}: layer {entry.name!r} has {len(entry.blobs)} blobs, the net's layer "
+                            f"({self.graph.layer(entry.name).type}) has none. The weights belong to another net, "
+                            f"or the layer changed type: rename it in the prototxt.")
                     continue
                 target = params[entry.name]
                 if len(entry.blobs) != len(target):
@@ -345,6 +359,7 @@ class Net(nn.Module):
                         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
                         t.copy_(torch.from_numpy(src).reshape(t.shape))
                 loaded.append(entry.name)
+        _check_loaded(source, self.graph, params, model, loaded)
         return loaded
 
     def save(self, path) -> None:
@@ -367,6 +382,27 @@ class Net(nn.Module):
         g = self.graph
         return (f"{g.name or 'net'} [{'TRAIN' if g.phase == pb.TRAIN else 'TEST'}]: {len(g.layers)} layers, "
                 f"inputs {g.inputs}, outputs {g.outputs}, {g.param_count:,} learnable params")
+
+
+def _names(items: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _check_loaded(source: str, graph: NetGraph, params: Mapping[str, list], model, loaded: List[str]) -> None:
+    """Refuse weights of which no layer fits the net; warn about the net's layers left at their fillers."""
+    if not params:
+        return
+    missing = [name for name in params if name not in set(loaded)]
+    if not loaded:
+        theirs = [entry.name for entry in model.layers if entry.blobs]
+        raise WeightsError(
+            f"{source} holds no weights for any layer of {graph.source}: the net's layers with blobs are "
+            f"{_names(list(params))}, the file's are {_names(theirs) or 'none'}. These are weights of another net; "
+            f"pass the .caffemodel trained from this prototxt (layers are matched by name).")
+    if missing:
+        _log.warning("%s: %d of the net's %d layers with blobs are not in %s and keep their filler values: %s",
+                     graph.source, len(missing), len(params), source, _names(missing))
 
 
 def _shape_matches(stored, target, legacy: bool) -> bool:

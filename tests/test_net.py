@@ -202,6 +202,49 @@ def test_load_ignores_source_layers_not_in_the_net(tmp_path):
     assert torch.equal(b.params["fc"][0], a.params["fc"][0])
 
 
+def test_weights_of_another_net_are_refused_not_silently_ignored(tmp_path):
+    # A caffemodel whose layer names match none of the net's: loading it would leave every blob at its filler.
+    other = make("""
+        layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 6 dim: 6 } } }
+        layer { name: "ip1" type: "InnerProduct" bottom: "data" top: "ip1" inner_product_param { num_output: 3 } }
+    """)
+    path = tmp_path / "other.caffemodel"
+    other.save(path)
+    net = make()
+    before = [t.clone() for ts in net.params.values() for t in ts]
+    with pytest.raises(WeightsError) as info:
+        net.load_weights(path)
+    message = str(info.value)
+    for words in (str(path), "no weights for any layer", "conv1", "ip1", "another net"):
+        assert words in message, message
+    assert all(torch.equal(a, b) for a, b in zip(before, (t for ts in net.params.values() for t in ts)))
+    with pytest.raises(WeightsError, match="no weights for any layer"):
+        Net(parse_net(CONV_BN), weights=str(path))
+
+
+def test_partial_weights_log_ignored_layers_and_layers_left_at_fillers(tmp_path, caplog):
+    a = make(seed=1)
+    randomise(a)
+    renamed = parse_net(CONV_BN.replace('name: "fc"', 'name: "fc_old"'))
+    blobs = {("fc_old" if name == "fc" else name): [t.detach().numpy() for t in ts] for name, ts in a.params.items()}
+    path = tmp_path / "renamed.caffemodel"
+    write_caffemodel(path, renamed, blobs)
+    b = make(seed=2)
+    with caplog.at_level("INFO", logger="slim.net"):
+        assert b.load_weights(path) == ["conv1", "bn1", "scale1"]
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    warnings_ = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "Ignoring source layer fc_old" in infos
+    assert len(warnings_) == 1 and "1 of the net's 4 layers" in warnings_[0] and warnings_[0].endswith(": fc")
+
+
+def test_a_source_layer_with_blobs_for_a_net_layer_without_any_is_a_mismatch(tmp_path):
+    text = CONV_BN.replace('name: "relu1"', 'name: "fc_twin"')
+    path = _model_with(tmp_path, "fc_twin", [np.zeros((5, 36), np.float32), np.zeros(5, np.float32)])
+    with pytest.raises(WeightsError, match="'fc_twin' has 2 blobs, the net's layer \\(ReLU\\) has none"):
+        make(text).load_weights(path)
+
+
 def _model_with(tmp_path, name, blobs):
     net = pb.NetParameter()
     layer = net.layer.add()

@@ -150,6 +150,18 @@ def test_cli_weights_that_do_not_match(files, tmp_path, capsys):
     assert "layer 'c2' blob 0 has shape (6, 8, 3, 3)" in capsys.readouterr().err
 
 
+def test_cli_weights_of_another_net_say_so(files, tmp_path, capsys):
+    model, _ = files
+    other = tmp_path / "other.prototxt"
+    other.write_text(NET.replace('"c1"', '"x1"').replace('"c2"', '"x2"').replace('"bn', '"nb').replace('"sc', '"cs')
+                     .replace('"fc"', '"ip"'))
+    Net(str(other), seed=0).save(tmp_path / "other.caffemodel")
+    assert run_cli("--model", model, "--weights", tmp_path / "other.caffemodel", "--percent", 0.5,
+                   "--output", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "holds no weights for any layer" in err and "another net" in err and "x1" in err, err
+
+
 def test_explain_prints_the_groups(files, capsys):
     model, _ = files
     assert run_cli("--model", model, "--explain") == 0

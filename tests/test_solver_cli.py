@@ -77,6 +77,23 @@ def test_test_prints_each_batch_and_the_means(tmp_path, capsys):
     assert main(["test", "--model", str(net), "--weights", ""]) == 2
 
 
+def test_test_and_train_refuse_weights_of_another_net(tmp_path, capsys):
+    # The first hour of a real user: `slim test` with an unrelated caffemodel scored a random net and exited 0.
+    from slim.net import Net
+    other = tmp_path / "other.prototxt"
+    renamed = tiny_net()
+    for name in ("conv", "bn", "scale", "ip"):
+        renamed = renamed.replace(f'name: "{name}"', f'name: "other_{name}"')
+    other.write_text(renamed)
+    Net(str(other), seed=0).save(tmp_path / "other.caffemodel")
+    path = write_solver(tmp_path, tiny_net())
+    net = tmp_path / "solver_net.prototxt"
+    for argv in (["test", "--model", str(net), "--iterations", "1"], ["train", "--solver", str(path)]):
+        assert main([*argv, "--weights", str(tmp_path / "other.caffemodel")]) == 2
+        err = capsys.readouterr().err
+        assert "holds no weights for any layer" in err and "Traceback" not in err, err
+
+
 def test_tools_solve_is_the_train_command(tmp_path):
     path = write_solver(tmp_path, tiny_net(), max_iter=2, snapshot_after_train=True)
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "solve.py"), "--solver", str(path), "--quiet"],

@@ -91,6 +91,12 @@ def load_blobs(graph: NetGraph, weights: Weights) -> Dict[str, List[np.ndarray]]
         source = "the weights"
         entries = {name: (list(arrays), []) for name, arrays in weights.items()}
     out: Dict[str, List[np.ndarray]] = {}
+    wanted = [node.name for node in graph.layers if node.blob_shapes]
+    if wanted and not any(entries.get(name) is not None and len(entries[name][0]) for name in wanted):
+        theirs = [name for name, (arrays, _) in entries.items() if len(arrays)]
+        raise WeightsError(f"{source} holds no weights for any layer of {graph.source}: the net's layers with blobs "
+                           f"are {_names(wanted)}, the weights' are {_names(theirs) or 'none'}. These are weights of "
+                           f"another net; prune with the .caffemodel trained from this prototxt.")
     for node in graph.layers:
         if not node.blob_shapes:
             continue
@@ -117,6 +123,11 @@ def load_blobs(graph: NetGraph, weights: Weights) -> Dict[str, List[np.ndarray]]
             fixed.append(array)
         out[node.name] = fixed
     return out
+
+
+def _names(items: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 def conv_fc_macs(graph: NetGraph) -> float:
