@@ -5,7 +5,8 @@ the training device with Caffe's transform (crop, mirror, mean, scale; plus slim
 batch there. Layer types:
 
 =============  ===================================================================================================
-SlimData       slim_data_param: DIGITS (built in), CIFAR10, CIFAR100, SVHN, IMAGE_FOLDER; shuffled by default.
+SlimData       slim_data_param: DIGITS (built in), CIFAR10, CIFAR100, SVHN, IMAGE_FOLDER, IDX (MNIST format);
+               shuffled by default.
 Data           data_param: Datum records in LMDB (``pip install slim[lmdb]``), read in key order.
 ImageData      image_data_param: a list file of ``path label`` lines; ``shuffle`` reshuffles every epoch.
 MemoryData     memory_data_param: arrays given from Python with ``source.set_data(data, labels)``.
@@ -71,6 +72,10 @@ def _samples(layer: pb.LayerParameter, *, headers: bool) -> Samples:
         p = layer.slim_data_param
         if p.dataset == pb.SlimDataParameter.DIGITS:
             return digits.load_digits(p.train)
+        if p.dataset == pb.SlimDataParameter.IDX:  # before the source check: image_file/label_file need none
+            from slim.data.idx import open_idx
+
+            return open_idx(p, where=where, headers=headers)
         if not p.source:
             raise DataError(f"{where}: slim_data_param.source is not set; give the folder of the "
                             f"{pb.SlimDataParameter.Dataset.Name(p.dataset)} dataset.")
@@ -120,7 +125,10 @@ def _stated_raw_shape(layer: pb.LayerParameter) -> tuple[int, int, int] | None:
 
 def _channels(layer: pb.LayerParameter) -> int:
     """The channel count of a layer's images as far as its parameters tell: ImageData's is_color decides, image
-    folders are read in colour; a Data layer's records are assumed colour unless force_gray is set."""
+    folders are read in colour; IDX files are grey; a Data layer's records are assumed colour unless force_gray is
+    set."""
+    if layer.type == "SlimData" and layer.slim_data_param.dataset == pb.SlimDataParameter.IDX:
+        return 1
     if layer.type == "ImageData":
         return 3 if layer.image_data_param.is_color else 1
     if layer.type == "Data":

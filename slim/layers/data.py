@@ -130,7 +130,8 @@ class _SourceLayer(Layer):
 
 @register
 class SlimData(_SourceLayer):
-    """A standard dataset read without conversion (slim_data_param): digits, CIFAR-10/100, SVHN, image folders."""
+    """A standard dataset read without conversion (slim_data_param): digits, CIFAR-10/100, SVHN, image folders,
+    MNIST-format IDX files."""
 
     type = "SlimData"
 
