@@ -18,7 +18,7 @@ import re
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -255,15 +255,7 @@ class Net(nn.Module):
                 layer.device = device
                 tops = layer.forward([], [])
             else:
-                bottoms = [values[b] for b in node.bottoms]
-                if fused is not None:
-                    sb = params.get(fused.name, [])
-                    gamma = sb[0]
-                    beta = sb[1] if len(sb) > 1 else None
-                    tops = layer.forward(params[node.name], bottoms, weight=gamma, bias=beta)
-                    node = fused
-                else:
-                    tops = layer.forward(params.get(node.name, []), bottoms)
+                node, tops = self._step(node, fused, params, values)
             for t, v in zip(node.tops, tops):
                 values[t] = v
             for j, w in enumerate(node.loss_weights):
@@ -273,6 +265,55 @@ class Net(nn.Module):
         out = NetOutput((name, values[name]) for name in (values if return_blobs else self.graph.outputs))
         out.loss = loss
         return out
+
+    @staticmethod
+    def _step(node: LayerNode, fused: Optional[LayerNode], params, values) -> Tuple[LayerNode, list]:
+        """Run one computing layer (or a BatchNorm fused with its Scale) on ``values``; returns the node whose tops
+        were computed (the Scale for a fused pair) and the tops."""
+        bottoms = [values[b] for b in node.bottoms]
+        if fused is not None:
+            sb = params.get(fused.name, [])
+            beta = sb[1] if len(sb) > 1 else None
+            return fused, node.layer.forward(params[node.name], bottoms, weight=sb[0], bias=beta)
+        return node, node.layer.forward(params.get(node.name, []), bottoms)
+
+    def run_layers(self, values: Dict[str, torch.Tensor], end: Optional[str] = None,
+                   visit: Optional[Callable[[LayerNode, Dict[str, torch.Tensor]], None]] = None) \
+            -> Dict[str, torch.Tensor]:
+        """Run the computing layers in order on given blob values, up to and including layer ``end``.
+
+        Data layers (Input and the dataset layers) are not run: their tops must be in ``values``. Blob names follow
+        Caffe's in-place rule: ``values[name]`` always holds the latest version, so ``visit(node, values)``, called
+        after each layer, sees that layer's tops and the bottoms it read (no later layer has run yet). Used for
+        calibration (slim.prune.calibrate), where only the forward prefix up to a layer is needed.
+
+        Args:
+            values: blob name -> tensor for every data top; updated in place and returned.
+            end: the last layer to run (None: all of them).
+            visit: called after each layer (for a BatchNorm fused with its Scale, once, with the Scale).
+
+        Raises:
+            NetError: ``end`` is not a layer of the net, or a data top is missing from ``values``.
+        """
+        if end is not None and end not in {n.name for n in self.graph.layers}:
+            raise NetError(f"{self.graph.source}: there is no layer {end!r} to stop at.")
+        params = {name: self._layer_blobs(name) for name in self._keys}
+        for node, fused in self._plan:
+            if node.layer.is_data:
+                missing = [t for t in node.tops if t not in values]
+                if missing:
+                    raise NetError(f"{self.graph.source}: blob {missing[0]!r} of data layer {node.name!r} was not "
+                                   f"given.")
+                ran = node
+            else:
+                ran, tops = self._step(node, fused, params, values)
+                for t, v in zip(ran.tops, tops):
+                    values[t] = v
+            if visit is not None:
+                visit(ran, values)
+            if end is not None and (node.name == end or (fused is not None and fused.name == end)):
+                break
+        return values
 
     def set_input_arrays(self, data, labels, layer: Optional[str] = None) -> None:
         """Hand arrays to a MemoryData layer (pycaffe's set_input_arrays)."""
