@@ -43,6 +43,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -54,7 +55,9 @@ from slim.graph import NetGraph, build_graph, parse_phase
 from slim.layers.base import Shape, count
 
 __all__ = ["CONVENTIONS", "LayerCost", "FlopReport", "Change", "Comparison", "Latency", "calflop", "compare",
-           "measure_latency", "measure_latencies", "format_text", "to_json", "to_csv"]
+           "family_mismatch", "measure_latency", "measure_latencies", "format_text", "to_json", "to_csv"]
+
+_log = logging.getLogger(__name__)
 
 #: Convention name -> (the layer cost kinds it sums, or None for every layer; its description).
 CONVENTIONS: Dict[str, Tuple[Optional[frozenset], str]] = {
@@ -441,6 +444,7 @@ class Comparison:
     changes: Tuple[Change, ...]
     latency: Optional[Latency] = None
     baseline_latency: Optional[Latency] = None
+    mismatch: Optional[str] = None
 
     def change(self, metric: str) -> Change:
         """The Change for ``metric`` ("params", "activation_bytes", "macs:conv", ...)."""
@@ -477,15 +481,55 @@ def compare(report: FlopReport, baseline: FlopReport, *, latency: Optional[Laten
         latency, baseline_latency: optional measurements of both, for the measured speed-up.
 
     Returns:
-        The Comparison: percent reductions and baseline / net ratios (theoretical speed-ups for MACs).
+        The Comparison: percent reductions and baseline / net ratios (theoretical speed-ups for MACs). When the
+        baseline is not the same architecture (other layers, or other spatial sizes: not what pruning changes),
+        ``mismatch`` says how, and a warning is logged: the figures then compare two unrelated nets.
     """
+    mismatch = family_mismatch(report, baseline)
+    if mismatch:
+        _log.warning("%s", mismatch)
     changes = [Change("params", "learnable params", report.params, baseline.params),
                Change("blob_elements", "stored blob elements", report.blob_elements, baseline.blob_elements),
                Change("activation_bytes", "activation bytes / image", report.activation_bytes,
                       baseline.activation_bytes)]
     changes += [Change(f"macs:{name}", _MAC_LABELS[name], report.macs(name), baseline.macs(name))
                 for name in CONVENTIONS]
-    return Comparison(report, baseline, tuple(changes), latency, baseline_latency)
+    return Comparison(report, baseline, tuple(changes), latency, baseline_latency, mismatch)
+
+
+def family_mismatch(report: FlopReport, baseline: FlopReport) -> Optional[str]:
+    """Why ``baseline`` is not the net ``report`` was pruned from, or None when it can be.
+
+    Pruning keeps every layer (name and type, in order) and changes channel counts only, so a baseline of the same
+    family has the same layers and the same tops on every axis but the batch and the channels.
+    """
+    ours = [(l.name, l.type) for l in report.layers]
+    theirs = [(l.name, l.type) for l in baseline.layers]
+    head = f"The baseline {baseline.source} is not the same architecture as {report.source}"
+    tail = ("; the reductions compare two different nets. A pruned net keeps every layer of its original and "
+            "changes only channel counts: pass the prototxt it was pruned from as --baseline.")
+    if ours != theirs:
+        mine, other = set(ours), set(theirs)
+        only_base = [f"{n} ({t})" for n, t in theirs if (n, t) not in mine]
+        only_net = [f"{n} ({t})" for n, t in ours if (n, t) not in other]
+        if not only_base and not only_net:
+            return f"{head}: the same layers in another order{tail}"
+        return (f"{head}: {len(only_base)} of the baseline's {len(theirs)} layers are not in this net"
+                f"{_few(only_base)}, and {len(only_net)} of this net's {len(ours)} are not in the baseline"
+                f"{_few(only_net)}{tail}")
+    for a, b in zip(report.layers, baseline.layers):
+        for sa, sb in zip(a.top_shapes, b.top_shapes):
+            if len(sa) != len(sb) or tuple(sa[2:]) != tuple(sb[2:]):
+                fmt = lambda shape: "x".join(map(str, shape)) or "scalar"
+                return (f"{head}: layer {a.name!r} outputs {fmt(sa)} here and {fmt(sb)} in the baseline (another "
+                        f"input size or shape){tail}")
+    return None
+
+
+def _few(items: List[str], limit: int = 5) -> str:
+    if not items:
+        return ""
+    return " (" + ", ".join(items[:limit]) + (f", ... {len(items) - limit} more" if len(items) > limit else "") + ")"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -556,6 +600,8 @@ def format_text(report: FlopReport, comparison: Optional[Comparison] = None,
 def _comparison_lines(c: Comparison) -> List[str]:
     lines = [f"Against baseline {c.baseline.name or '(unnamed)'} from {c.baseline.source} (batch {c.baseline.batch}, "
              f"per image):"]
+    if c.mismatch:
+        lines.insert(0, f"WARNING: {c.mismatch}")
     rows = [("", "baseline", "this net", "reduction", "speed-up")]
     for ch in c.changes:
         is_macs = ch.metric.startswith("macs:")
@@ -610,6 +656,7 @@ def to_json(report: FlopReport, comparison: Optional[Comparison] = None,
             "changes": [{"metric": ch.metric, "label": ch.label, "value": ch.value, "baseline": ch.baseline,
                          "reduction_percent": ch.reduction, "ratio": ch.ratio} for ch in comparison.changes],
             "speedup": {name: comparison.speedup(name) for name in CONVENTIONS},
+            "mismatch": comparison.mismatch,
         }
         latency = comparison.latency if latency is None else latency
         if comparison.baseline_latency is not None:

@@ -436,6 +436,28 @@ def test_cli_baseline_reductions(tmp_path):
     assert float(totals["macs:conv"]["speedup"]) == pytest.approx(base_conv / pruned_conv)
 
 
+def test_a_baseline_of_another_architecture_is_flagged(tmp_path, caplog):
+    # The first hour of a real user: reductions printed against an unrelated net, without a word.
+    base = _widths(tmp_path, "base.prototxt", (8, 16))
+    pruned = _widths(tmp_path, "pruned.prototxt", (4, 8))
+    tiny = _write(tmp_path, "tiny.prototxt", TINY)
+    bigger = _write(tmp_path, "big.prototxt", vgg_text([8, "M", 16, "M"], batch=2, size=16, fcs=[10],
+                                                       batch_norm=True))
+    assert compare(calflop(pruned), calflop(base)).mismatch is None
+    with caplog.at_level("WARNING", logger="slim.flops"):
+        other = compare(calflop(pruned), calflop(tiny))
+    assert "not the same architecture" in other.mismatch and "of the baseline's" in other.mismatch
+    assert [r.getMessage() for r in caplog.records] == [other.mismatch]
+    resized = compare(calflop(pruned), calflop(bigger)).mismatch
+    assert "another input size" in resized and "8x8" in resized and "16x16" in resized
+    code, out, _ = _run(["calflop", pruned, "--baseline", tiny])
+    assert code == 0 and "WARNING: The baseline" in out
+    code, out, _ = _run(["calflop", pruned, "--baseline", tiny, "--json"])
+    assert "not the same architecture" in json.loads(out)["baseline"]["mismatch"]
+    code, out, _ = _run(["calflop", pruned, "--baseline", base, "--json"])
+    assert json.loads(out)["baseline"]["mismatch"] is None
+
+
 def test_cli_measure(tmp_path):
     base = _widths(tmp_path, "base.prototxt", (8, 16))
     pruned = _widths(tmp_path, "pruned.prototxt", (4, 8))
