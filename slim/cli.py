@@ -14,7 +14,8 @@ from slim.errors import SlimError
 
 __all__ = ["main", "COMMANDS"]
 
-COMMANDS = ["train", "test", "time", "prune", "pipeline", "calflop", "deploy", "zoo", "summary", "demo"]
+COMMANDS = ["train", "test", "time", "prune", "pipeline", "calflop", "deploy", "zoo", "summary", "demo",
+            "convert_mnist_data"]
 
 
 def build_parser() -> argparse.ArgumentParser:
