@@ -67,7 +67,7 @@ def test_cli_writes_a_net_that_equals_the_masked_original(files, tmp_path, capsy
     out = tmp_path / "pruned"
     assert run_cli("--model", model, "--weights", weights, "--percent", 0.5, "--output", out) == 0
     printed = capsys.readouterr().out
-    assert "removed 7 of 14 prunable channels (50.00%" in printed and "wrote" in printed
+    assert "removed 7 of the 14 prunable channels (50.00%; asked 7)" in printed and "wrote" in printed
     text = (tmp_path / "pruned.prototxt").read_text()
     assert text.startswith("# Pruned by `slim prune`")
     pruned = Net(tmp_path / "pruned.prototxt", weights=tmp_path / "pruned.caffemodel")

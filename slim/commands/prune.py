@@ -56,7 +56,9 @@ def register(sub) -> None:
     p.add_argument("--weights", "-w", help=".caffemodel matching the net")
     p.add_argument("--output", "-o", help="OUT: writes OUT.prototxt, OUT.caffemodel and OUT.json")
     goal = p.add_argument_group("what to remove (one of)")
-    goal.add_argument("--percent", type=float, help="fraction of the prunable channels to remove, in [0, 1)")
+    goal.add_argument("--percent", type=float,
+                      help="fraction of the prunable channels to remove, in [0, 1): floor(N x P) of the N channels "
+                           "(a channel tied across layers by a sum counts once)")
     goal.add_argument("--target-macs", help="conv+FC multiply-accumulates per image to reach within 1%% (250M, 1.2G)")
     goal.add_argument("--speedup", type=float, help="original / pruned conv+FC MACs to reach within 1%%")
     goal.add_argument("--apply-report", metavar="REPORT", help="replay the kept channels of a report on this net")
@@ -65,7 +67,7 @@ def register(sub) -> None:
     how.add_argument("--criterion", default="slimming",
                      help="importance: slimming (|Scale gamma|, default), l1 or l2 (filter norms)")
     how.add_argument("--tie-rule", default="union", choices=["union", "max", "mean", "sum"],
-                     help="channels tied across layers: union keeps one if any member would (default)")
+                     help="channels tied across layers: union (default) and max rank one by its strongest member")
     how.add_argument("--normalize", choices=["none", "mean", "max"],
                      help="scale each layer's scores by their mean or max before one global ranking (default: none "
                           "for slimming, mean for l1/l2, whose norms grow with fan-in)")

@@ -16,8 +16,9 @@ paper's global threshold relies on, so ``slimming`` is not normalised by default
 
 ``channel_scores`` combines the members of every group into one score per channel by a tie rule (a channel of a
 group tied by an Eltwise has several members): ``union`` and ``max`` rank a channel by its strongest member, so it
-stays while any member would keep it (the union rule of pytorch-network-slimming's shortcut schema); ``mean`` and
-``sum`` aggregate. A channel that no member scores (a group without Scale layers under ``slimming``) cannot be
+stays while any member would keep it (the union rule of pytorch-network-slimming's shortcut schema; the two names
+rank alike, and a global percent removes ``floor(N * p)`` channels under every rule); ``mean`` and ``sum``
+aggregate. A channel that no member scores (a group without Scale layers under ``slimming``) cannot be
 ranked and is not pruned.
 """
 
@@ -144,8 +145,7 @@ class ChannelScores:
         tie_rule: how members combined.
         score: channel id -> score (NaN: not scored, so not prunable).
         members: channel id -> number of member scores it had (a tied channel has several).
-        member_scores: every member score of every scored channel, as (channel id, score) arrays (for the union
-            rule's threshold).
+        member_channel, member_score: every member score of every scored channel, as (channel id, score) arrays.
     """
 
     criterion: str

@@ -3,10 +3,10 @@
 Policies (one of them per pruning):
 
 * **global percent** (``--percent p``, the paper's): rank every prunable channel of the net by its score and remove
-  the lowest ``floor(N * p)`` of the N prunable channels (with the ``union`` tie rule, a tied channel counts each of
-  its members: the threshold is the ``floor(M * p)``-th lowest of the M member scores, and a channel goes when all its
-  members are below it, which for an untied net is the same ``floor(N * p)``). Ties in score are broken by group,
-  then channel index, so a plan is reproducible;
+  the lowest ``floor(N * p)`` of the N prunable channels, whatever the tie rule. A *channel* is one keep-or-remove
+  decision: the channels that a residual sum (Eltwise) ties across layers count once, as does a channel repeated by
+  a Concat, so ``p`` is the fraction of these decisions that go. Ties in score are broken by group, then channel
+  index, so a plan is reproducible;
 * **per layer** (``--policy layer``, ``--layer-percent NAME=P``): each group removes ``floor(n * p)`` of its own n
   prunable channels;
 * **target** (``--target-macs M`` or ``--speedup S``): the global ranking, cut where the pruned net's conv+FC
@@ -246,10 +246,7 @@ def make_plan(analysis: ChannelAnalysis, scores: ChannelScores, policy: PrunePol
     macs = None
 
     if policy.percent is not None and policy.scope == "global" and len(rest):
-        if scores.tie_rule == "union":
-            k = _union_count(analysis, scores, rest, policy.percent)
-        else:
-            k = math.floor(len(rest) * policy.percent + 1e-9)
+        k = math.floor(len(rest) * policy.percent + 1e-9)
         # The limits win over the request: what they forbid stays, and the report shows requested and removed.
         remove[eligible[:k]] = True
         requested += k
@@ -266,26 +263,6 @@ def make_plan(analysis: ChannelAnalysis, scores: ChannelScores, policy: PrunePol
 
     keep = _finish(analysis, ~remove, score, policy.round_to)
     return PrunePlan(keep, prunable, requested, macs)
-
-
-def _union_count(analysis: ChannelAnalysis, scores: ChannelScores, rest: np.ndarray, p: float) -> int:
-    """Channels whose every member score lies among the lowest floor(M * p) of the M member scores."""
-    mine = np.isin(scores.member_channel, rest)
-    ch, sc = scores.member_channel[mine], scores.member_score[mine]
-    m = len(ch)
-    t = math.floor(m * p + 1e-9)
-    if t == 0:
-        return 0
-    order = np.lexsort((analysis.local_of[ch], analysis.group_of[ch], sc))
-    rank = np.empty(m, np.int64)
-    rank[order] = np.arange(m)
-    # The worst rank of each channel's members (a sort and reduceat: np.maximum.at is far slower).
-    by_channel = np.argsort(ch, kind="stable")
-    sorted_ch = ch[by_channel]
-    starts = np.flatnonzero(np.r_[True, sorted_ch[1:] != sorted_ch[:-1]])
-    worst = np.full(analysis.num_channels, -1, np.int64)
-    worst[sorted_ch[starts]] = np.maximum.reduceat(rank[by_channel], starts)
-    return int((worst[rest] < t).sum())
 
 
 def _search(analysis, keep0, eligible, score, round_to, macs_of, target, before) -> Tuple[int, float]:

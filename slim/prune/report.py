@@ -6,10 +6,10 @@ InnerProduct fix every group). Reading it parses JSON only; nothing in it is exe
 
 Example (``print(report)``: VGG-19 for CIFAR-10 with uniformly random gammas, ``--percent 0.7``)::
 
-    pruned VGG19_CIFAR10 (criterion slimming, tie rule union): removed 3852 of 5504 prunable channels (69.99%,
-    requested 3852)
-      conv+FC MACs per image 398,136,320 -> 39,137,186 (10.17x); learnable params 20,035,018 -> 1,774,012 (11.29x);
-      producer channels 5514 -> 1662
+    pruned VGG19_CIFAR10 (criterion slimming, tie rule union): removed 3852 of the 5504 prunable channels (69.99%;
+    asked 3852)
+      a channel is one keep-or-remove decision (channels tied across layers count once)
+      conv+FC MACs per image 398,136,320 -> 39,137,186 (10.17x); learnable params 20,035,018 -> 1,774,012 (11.29x)
       layer                    type           channels
       conv1_1                  Convolution    64 -> 18
       ...
@@ -53,10 +53,12 @@ class PruneReport:
         criterion: the importance criterion (None for a replay).
         tie_rule: how tied members combined (None for a replay).
         policy: the PrunePolicy as plain values (empty for a replay).
-        prunable: N, the channels that could be removed.
-        requested: channels the policy asked for (None for a replay).
-        removed: channels removed (independent decisions: a channel tied across layers counts once).
-        channels_before, channels_after: output channels summed over the producer layers.
+        prunable: N, the channels that could be removed. A channel is one keep-or-remove decision: channels tied
+            across layers (by a residual sum, a Concat repeating them) count once. Every count here is of these.
+        requested: channels the policy asked for (``floor(N * p)`` for a global ``--percent p``; None for a replay).
+        removed: channels removed.
+        channels_before, channels_after: layer widths, the output channels summed over the producer layers (a
+            channel tied across k producers counts k times here; not the count above).
         params_before, params_after: learnable parameters (BatchNorm statistics excluded).
         macs_before, macs_after: conv+FC multiply-accumulates per image.
         folded: removed-channel constants folded into a bias; dropped: those that could not be (--absorb-bias).
@@ -158,16 +160,16 @@ class PruneReport:
 
     def __str__(self) -> str:
         how = f"criterion {self.criterion}, tie rule {self.tie_rule}" if self.criterion else "replayed report"
-        req = f", requested {self.requested}" if self.requested is not None else ""
+        req = f"; asked {self.requested}" if self.requested is not None else ""
         ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"
-        lines = [f"pruned {self.net or '(unnamed)'} ({how}): removed {self.removed} of {self.prunable} prunable "
+        lines = [f"pruned {self.net or '(unnamed)'} ({how}): removed {self.removed} of the {self.prunable} prunable "
                  f"channels ({self.fraction:.2%}{req})",
+                 "  a channel is one keep-or-remove decision (channels tied across layers count once)",
                  f"  conv+FC MACs per image {self.macs_before:,.0f} -> {self.macs_after:,.0f} "
                  f"({ratio(self.macs_before, self.macs_after)}); learnable params {self.params_before:,} -> "
-                 f"{self.params_after:,} ({ratio(self.params_before, self.params_after)}); producer channels "
-                 f"{self.channels_before} -> {self.channels_after}"]
+                 f"{self.params_after:,} ({ratio(self.params_before, self.params_after)})"]
         if self.requested is not None and self.removed < self.requested:
-            lines.append(f"  note: {self.requested} channels were requested; --min-channels, --max-prune-per-layer, "
+            lines.append(f"  note: {self.requested} channels were asked for; --min-channels, --max-prune-per-layer, "
                          f"--round-to and non-empty blobs kept {self.requested - self.removed} of them")
         if self.folded or self.dropped:
             lines.append(f"  folded {self.folded} removed-channel constants into biases"
