@@ -129,10 +129,7 @@ def test_every_policy_has_a_working_example():
     (dict(lr_policy="fixed"), "base_lr"),
     (dict(base_lr=0.1, lr_policy="step", gamma=0.1), "stepsize"),
     (dict(base_lr=0.1, lr_policy="step", gamma=0.1, stepsize=0), "stepsize > 0"),
-    (dict(base_lr=0.1, lr_policy="step", stepsize=10), "gamma"),
     (dict(base_lr=0.1, lr_policy="step", gamma=-0.1, stepsize=10), "gamma >= 0"),
-    (dict(base_lr=0.1, lr_policy="exp"), "gamma"),
-    (dict(base_lr=0.1, lr_policy="inv", gamma=1e-4), "power"),
     (dict(base_lr=0.1, lr_policy="multistep", gamma=0.1), "stepvalue"),
     (dict(base_lr=0.1, lr_policy="multistep", gamma=0.1, stepvalue=[5, 5]), "strictly increasing"),
     (dict(base_lr=0.1, lr_policy="multistep", gamma=0.1, stepvalue=[10, 5]), "strictly increasing"),
@@ -146,3 +143,20 @@ def test_invalid_schedules_are_refused_up_front(fields, needle):
         schedule(**fields)
     message = str(err.value)
     assert message.startswith("s.prototxt: ") and needle in message
+
+
+@pytest.mark.parametrize("fields, missing, rates", [
+    # Caffe's implicit gamma = 0: base_lr * 0 ** floor(iter / stepsize), with 0 ** 0 = 1.
+    (dict(lr_policy="step", stepsize=3), "gamma", {0: 0.1, 2: 0.1, 3: 0.0, 7: 0.0}),
+    (dict(lr_policy="exp"), "gamma", {0: 0.1, 1: 0.0, 5: 0.0}),
+    (dict(lr_policy="multistep", stepvalue=[2]), "gamma", {0: 0.1, 1: 0.1, 2: 0.0, 3: 0.0}),
+    (dict(lr_policy="sigmoid", stepsize=4), "gamma", {0: 0.05, 4: 0.05, 9: 0.05}),
+    # power = 0: (1 + gamma * iter) ** 0 and (1 - iter / max_iter) ** 0 are 1.
+    (dict(lr_policy="inv", gamma=1e-2), "power", {0: 0.1, 50: 0.1}),
+    (dict(lr_policy="poly", max_iter=10), "power", {0: 0.1, 9: 0.1}),
+])
+def test_unset_gamma_or_power_runs_as_caffe_with_a_warning(fields, missing, rates):
+    with pytest.warns(UserWarning, match=f"reads {missing}, which is not set") as record:
+        s = schedule(base_lr=0.1, **fields)
+    assert "s.prototxt" in str(record[0].message)
+    assert {i: s.rate(i) for i in sorted(rates)} == pytest.approx({i: f32(0.1) * r / 0.1 for i, r in rates.items()})

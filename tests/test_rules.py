@@ -298,7 +298,7 @@ def test_rate_is_rounded_to_float32_as_caffe_dtype():
     (dict(type="RMSProp", rms_decay=-0.1), "0 <= rms_decay < 1"),
     (dict(type="Momentum"), "known types are SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam"),
     (dict(type="adam"), "did you mean \"Adam\""),
-    (dict(type="SGD", regularization_type="l2"), "regularization_type \"l2\""),
+    (dict(type="SGD", regularization_type="l2", weight_decay=0.1), "regularization_type \"l2\""),
     (dict(type="SGD", iter_size=0), "iter_size"),
     (dict(solver_type=pb.SolverParameter.ADAM), "solver_type"),
 ])
@@ -351,3 +351,19 @@ def test_nesterov_equals_torch_nesterov_at_constant_rate():
         opt.step()
         for p, q in zip(ours, theirs):
             torch.testing.assert_close(p.tensor, q.tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_regularization_type_without_decay_runs_as_caffe():
+    # Caffe reads regularization_type only for a param whose weight_decay * decay_mult is non-zero.
+    params = make_params(decay_mults=[0.0, 0.0, 0.0])
+    with pytest.warns(UserWarning, match="regularization_type \"l2\" is unknown, but no param is decayed"):
+        r = create_rule(pb.SolverParameter(type="SGD", weight_decay=0.5, regularization_type="l2"), params, "s.prototxt")
+    for p in params:
+        p.tensor.grad = torch.ones_like(p.tensor)
+    before = [p.tensor.detach().clone() for p in params]
+    r.apply_update(0.25, 0)
+    for b, p in zip(before, params):                   # plain SGD step, no decay term
+        assert torch.equal(p.tensor.detach(), b - float(np.float32(0.25)))
+    with pytest.raises(SolverError, match="regularization_type \"l2\" is unknown"):
+        create_rule(pb.SolverParameter(type="SGD", weight_decay=0.5, regularization_type="l2"),
+                    make_params(decay_mults=[0.0, 1.0, 0.0]), "s.prototxt")

@@ -14,15 +14,18 @@ Policies (``base_lr`` is :math:`b`)::
     poly       b * (1 - iter / max_iter) ^ power
     sigmoid    b / (1 + exp(-gamma * (iter - stepsize)))
 
-Every field a policy reads is checked when the schedule is built: Caffe's proto2 fields default to 0 when
-absent, which silently turns most policies into "learning rate 0" (or, for ``lr_policy`` itself, into a fatal
-error at the first update), so a missing field is reported before training starts.
+Every field a policy reads is checked when the schedule is built. Caffe's proto2 fields default to 0 when
+absent. An unset ``lr_policy`` or ``base_lr`` is refused (Caffe fails at the first update, or never changes the
+weights); an unset ``gamma`` or ``power`` is accepted as Caffe runs it, with its implicit 0, and a warning that
+says what the schedule then does (real solver files rely on it, e.g. ``step`` without gamma: base_lr until the
+first step, 0 after it). Range checks (stepsize > 0, gamma >= 0, ...) are Caffe's CHECKs and stay errors.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 from slim import proto as pb
 from slim.errors import SolverError
@@ -33,7 +36,8 @@ _log = logging.getLogger(__name__)
 
 LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
 
-# The fields each policy reads besides base_lr; each must be set explicitly in the solver.
+# The fields each policy reads besides base_lr. An unset stepsize or max_iter fails its range check below; an
+# unset gamma or power is Caffe's implicit 0 (warned about).
 _NEEDS = {
     "fixed": (),
     "step": ("gamma", "stepsize"),
@@ -42,6 +46,18 @@ _NEEDS = {
     "multistep": ("gamma",),
     "poly": ("power", "max_iter"),
     "sigmoid": ("gamma", "stepsize"),
+}
+
+
+# What a policy's rate becomes when gamma or power is left at Caffe's implicit 0 (0 ** 0 is 1).
+_DEGENERATE = {
+    ("step", "gamma"): "base_lr until iteration stepsize, 0 after it",
+    ("exp", "gamma"): "base_lr at iteration 0, 0 after it",
+    ("inv", "gamma"): "base_lr throughout",
+    ("inv", "power"): "base_lr throughout",
+    ("multistep", "gamma"): "base_lr until the first stepvalue, 0 after it",
+    ("poly", "power"): "base_lr throughout",
+    ("sigmoid", "gamma"): "base_lr / 2 throughout",
 }
 
 
@@ -66,7 +82,7 @@ class LrSchedule:
         source: the solver's file name, used in error messages.
 
     Raises:
-        SolverError: the policy is unset or unknown, or a field it reads is missing or out of range.
+        SolverError: the policy or base_lr is unset, the policy is unknown, or a field it reads is out of range.
     """
 
     def __init__(self, solver: pb.SolverParameter, source: str = "the solver") -> None:
@@ -98,9 +114,10 @@ class LrSchedule:
             self._fail("base_lr is not set; Caffe's implicit default of 0 would never change the weights. "
                        "Set base_lr (0.1 is usual for SGD with momentum on CIFAR).")
         for name in _NEEDS[policy]:
-            if not solver.HasField(name):
-                self._fail(f"lr_policy \"{policy}\" reads {name}, which is not set (Caffe's implicit default is "
-                           f"0, which makes the schedule degenerate). Set {name} in the solver.")
+            if not solver.HasField(name) and name in ("gamma", "power"):
+                warnings.warn(f"{self.source}: lr_policy \"{policy}\" reads {name}, which is not set; Caffe uses its "
+                              f"implicit default 0, and so does slim (the rate is then {_DEGENERATE[policy, name]}). "
+                              f"Set {name} if that is not what you meant.", UserWarning, stacklevel=4)
         if policy in ("step", "sigmoid") and self.stepsize <= 0:
             self._fail(f"lr_policy \"{policy}\" needs stepsize > 0, but stepsize is {self.stepsize}. "
                        f"Set stepsize to the number of iterations per step.")

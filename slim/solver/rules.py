@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Callable, ClassVar, Protocol, Sequence
 
 import numpy as np
@@ -140,8 +141,15 @@ class UpdateRule:
         self.clip_gradients = solver.clip_gradients
         self.delta = solver.delta
         if self.regularization_type not in ("L1", "L2"):
-            self._fail(f"regularization_type \"{self.regularization_type}\" is unknown; Caffe knows \"L2\" "
-                       f"(the default) and \"L1\" (case-sensitive). Fix regularization_type.")
+            # Caffe reads the type only in Regularize, for a param whose local decay is non-zero: a solver with no
+            # weight decay runs whatever the string says.
+            decayed = [p for p in self.params if _f32(self.weight_decay * p.decay_mult) != 0]
+            if decayed:
+                self._fail(f"regularization_type \"{self.regularization_type}\" is unknown; Caffe knows \"L2\" "
+                           f"(the default) and \"L1\" (case-sensitive). Fix regularization_type.")
+            warnings.warn(f"{self.source}: regularization_type \"{self.regularization_type}\" is unknown, but no "
+                          f"param is decayed (weight_decay {self.weight_decay:g}), so it is never read, as in "
+                          f"Caffe. Caffe knows \"L2\" and \"L1\".", UserWarning, stacklevel=3)
         if self.iter_size < 1:
             self._fail(f"iter_size must be at least 1, but it is {self.iter_size}. Set iter_size to the number "
                        f"of forward/backward passes whose gradients are accumulated per update.")
