@@ -363,7 +363,7 @@ def test_unknown_regularization_type_without_decay_runs_as_caffe():
     before = [p.tensor.detach().clone() for p in params]
     r.apply_update(0.25, 0)
     for b, p in zip(before, params):                   # plain SGD step, no decay term
-        assert torch.equal(p.tensor.detach(), b - float(np.float32(0.25)))
+        assert torch.allclose(p.tensor.detach(), b - 0.25 * p.lr_mult, rtol=0, atol=1e-6)
     with pytest.raises(SolverError, match="regularization_type \"l2\" is unknown"):
         create_rule(pb.SolverParameter(type="SGD", weight_decay=0.5, regularization_type="l2"),
                     make_params(decay_mults=[0.0, 1.0, 0.0]), "s.prototxt")
