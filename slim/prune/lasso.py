@@ -1,0 +1,251 @@
+"""The arithmetic of LASSO channel selection and least-squares reconstruction (He, Zhang and Sun, ICCV 2017), on
+streamed sufficient statistics: nothing here sees a sample, only sums over samples.
+
+For one reading layer (a convolution group or an InnerProduct) with weight matrix ``W`` (n outputs x D columns, a
+column per input value of a patch) and samples ``x_s`` (D) -> ``y_s`` (n), the statistics are, with
+``x~ = [x; 1]``::
+
+    A = sum_s x~ x~^T   ((D+1) x (D+1))      B = sum_s x~ y^T   ((D+1) x n)      yy = sum_s ||y||^2
+
+Every column belongs to an input channel (``columns``: column -> channel id; a 3x3 convolution has 9 columns per
+channel, an InnerProduct over C x H x W has H*W). The paper's design matrix stacks, for channel i, the contribution
+``Z_i = X_i W_i^T`` (N x n) of that channel alone; its Gram matrix and correlation with the target are functions of A
+and B only::
+
+    G_ij = sum_{p in i, q in j} A_pq (W^T W)_pq          (Z^T y)_i = sum_{p in i} sum_o W_op B_po
+
+so LASSO runs on all samples in Gram form (the released code used a random subsample of 400 rows for memory). With
+a bias, each output gets its own intercept: the statistics are centred first (the released code fitted one scalar
+intercept shared by all outputs). The reconstruction is the least squares over the kept columns and the bias row,
+``W~ = (A_KK + eps I)^-1 B_K``, and the reconstruction error of any weights ``W~`` follows from the same sums:
+``||Y - X~ W~||^2 = yy - 2 <W~, B> + <W~, A W~>``.
+
+Selection uses scikit-learn's Gram-form LARS (``lars_path_gram``, the ``.[lasso]`` extra): the exact LASSO path,
+whose active set grows or shrinks by one channel at a breakpoint, so the first breakpoint with exactly c' active
+channels gives the asked count without a search over the penalty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Tuple
+
+import numpy as np
+
+from slim.errors import PruneError
+
+__all__ = ["Selection", "channel_gram", "select_channels", "least_squares", "relative_error", "lars_path", "expand"]
+
+
+def _sklearn_lars():
+    try:
+        from sklearn.linear_model import lars_path_gram
+    except ImportError:
+        raise PruneError("--criterion lasso selects channels with scikit-learn's LARS solver, which is not installed. "
+                         "Install it with `pip install 'slim[lasso]'` (or `pip install scikit-learn`).") from None
+    return lars_path_gram
+
+
+def _column_sums(matrix: np.ndarray, columns: np.ndarray, channels: np.ndarray, axis: int) -> np.ndarray:
+    """Sum the rows (axis 0) or columns (axis 1) of ``matrix`` that belong to each of ``channels``."""
+    index = np.searchsorted(channels, columns)
+    out_shape = list(matrix.shape)
+    out_shape[axis] = len(channels)
+    out = np.zeros(out_shape)
+    if axis == 0:
+        np.add.at(out, index, matrix)
+    else:
+        np.add.at(out.T, index, matrix.T)
+    return out
+
+
+def channel_gram(A: np.ndarray, B: np.ndarray, W: np.ndarray, columns: np.ndarray, count: int,
+                 center: bool) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The channel-level Gram matrix and correlations of one reading layer's LASSO design.
+
+    Args:
+        A, B: the statistics (float64), with the constant row/column last.
+        W: the layer's original weights as an n x D matrix.
+        columns: channel id of each of the D columns.
+        count: the number of samples summed in A and B.
+        center: subtract the means (the layer has a bias: each output's intercept is free).
+
+    Returns:
+        (channels, G, q): the sorted distinct channel ids, G (c x c) and q = Z^T y (c).
+    """
+    D = W.shape[1]
+    Axx, Bx = A[:D, :D], B[:D]
+    if center and count > 0:
+        mx, my = A[D, :D] / count, B[D] / count
+        Axx = Axx - count * np.outer(mx, mx)
+        Bx = Bx - count * np.outer(mx, my)
+    channels = np.unique(columns)
+    P = Axx * (W.T @ W)                                      # D x D: A_pq (W^T W)_pq
+    G = _column_sums(_column_sums(P, columns, channels, 0), columns, channels, 1)
+    q = _column_sums((Bx * W.T).sum(1), columns, channels, 0)
+    return channels, G, q
+
+
+@dataclasses.dataclass
+class Selection:
+    """Which of the candidate channels LASSO keeps, and how it got there.
+
+    Attributes:
+        kept: indices into the candidates, sorted.
+        alpha: the LASSO penalty at which they are the active set (scikit-learn's scale: the objective is
+            ``1/(2 n_rows) ||y - Z beta||^2 + alpha ||beta||_1``); None when nothing was solved (all kept).
+        active: the size of the active set at ``alpha`` (below the asked count when the path ended early and the
+            rest was filled by correlation, or above it within --rank-tol).
+        filled: channels added by correlation because the path never activated them (their columns are linearly
+            dependent on the others or zero).
+    """
+
+    kept: np.ndarray
+    alpha: Optional[float]
+    active: int
+    filled: int = 0
+
+
+def lars_path(G: np.ndarray, q: np.ndarray, n_rows: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The LASSO path of a Gram-form problem: (alphas, decreasing; coefs, c x len(alphas))."""
+    lars_path_gram = _sklearn_lars()
+    scale = float(np.max(np.abs(np.diag(G)))) if G.size else 0.0
+    if not scale > 0 or not np.isfinite(scale):
+        return np.zeros(1), np.zeros((len(q), 1))
+    # The path does not depend on a common scale of G and q (alphas scale with it); unit scale keeps LARS' absolute
+    # tolerances meaningful whatever the magnitude of the activations.
+    alphas, _, coefs = lars_path_gram(Xy=q / scale, Gram=G / scale, n_samples=max(1, n_rows), method="lasso",
+                                      max_iter=10 * len(q) + 10)
+    return alphas * scale, coefs
+
+
+def _active_at(alpha: float, alphas: np.ndarray, coefs: np.ndarray) -> np.ndarray:
+    """The active set (mask) of the path at ``alpha``: coefficients are linear between breakpoints."""
+    if alpha >= alphas[0]:
+        return np.zeros(coefs.shape[0], bool)
+    if alpha <= alphas[-1]:
+        return coefs[:, -1] != 0
+    k = int(np.argmax(alphas < alpha))          # alphas[k-1] >= alpha > alphas[k]
+    t = (alphas[k - 1] - alpha) / (alphas[k - 1] - alphas[k])
+    beta = coefs[:, k - 1] + t * (coefs[:, k] - coefs[:, k - 1])
+    return beta != 0
+
+
+def select_channels(G: np.ndarray, q: np.ndarray, n_rows: int, keep: int,
+                    rank_tol: Optional[float] = None) -> Selection:
+    """Choose ``keep`` of the c candidate channels by LASSO on the Gram form.
+
+    By default the first breakpoint of the LASSO path with exactly ``keep`` active channels is taken (the count
+    changes by one per breakpoint, so it is met exactly unless the path ends first; then the missing channels are
+    the remaining ones with the largest correlation |q_i| / sqrt(G_ii), in ``filled``). With ``rank_tol`` the
+    released code's search is reproduced instead: the penalty is bisected until the active count lies in
+    [keep, keep * (1 + rank_tol)], and that count is kept (it may exceed the request).
+
+    Args:
+        G: c x c Gram matrix of the channels' contributions (centred when the layer has a bias).
+        q: their correlations with the target.
+        n_rows: the number of scalar rows of the stacked problem (samples x outputs), for the penalty's scale.
+        keep: how many to keep.
+        rank_tol: the released code's tolerance (0.1 there), or None for the exact count.
+    """
+    c = len(q)
+    if keep >= c:
+        return Selection(np.arange(c), None, c)
+    if keep <= 0:
+        return Selection(np.arange(0), None, 0)
+    alphas, coefs = lars_path(G, q, n_rows)
+    if rank_tol is not None:
+        return _search(alphas, coefs, G, q, keep, rank_tol)
+    counts = (coefs != 0).sum(0)
+    hits = np.nonzero(counts == keep)[0]
+    if len(hits):
+        k = int(hits[0])
+        return Selection(np.nonzero(coefs[:, k])[0], float(alphas[k]), keep)
+    # The path ended with fewer active channels (the rest are dependent on them, or zero): take its last active set
+    # and add the remaining channels that correlate best with the target.
+    active = coefs[:, -1] != 0
+    return _fill(active, G, q, keep, float(alphas[-1]))
+
+
+def _fill(active: np.ndarray, G: np.ndarray, q: np.ndarray, keep: int, alpha: float) -> Selection:
+    n_active = int(active.sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = np.nan_to_num(np.abs(q) / np.sqrt(np.diag(G)), nan=0.0, posinf=0.0)
+    rest = np.nonzero(~active)[0]
+    extra = rest[np.argsort(-corr[rest], kind="stable")[:keep - n_active]]
+    kept = np.sort(np.concatenate([np.nonzero(active)[0], extra]))
+    return Selection(kept, alpha, n_active, len(extra))
+
+
+def _search(alphas, coefs, G, q, keep: int, tol: float) -> Selection:
+    """The released code's penalty search: grow the right end until fewer than ``keep`` are active, then bisect
+    until the active count lies in [keep, keep * (1 + tol)]."""
+    right = float(alphas[0]) if alphas[0] > 0 else 1.0
+    while _active_at(right, alphas, coefs).sum() >= keep:
+        right *= 2
+    left = 0.0
+    for _ in range(200):
+        alpha = (left + right) / 2
+        active = _active_at(alpha, alphas, coefs)
+        k = int(active.sum())
+        if k > keep * (1 + tol):
+            left = alpha
+        elif k < keep:
+            right = alpha
+        else:
+            return Selection(np.nonzero(active)[0], alpha, k)
+        if right - left <= 1e-12 * max(right, 1e-300):
+            break
+    # The path jumps past the window (or ends below the count): the exact-count rule decides instead.
+    counts = (coefs != 0).sum(0)
+    hits = np.nonzero(counts == keep)[0]
+    if len(hits):
+        return Selection(np.nonzero(coefs[:, int(hits[0])])[0], float(alphas[int(hits[0])]), keep)
+    return _fill(coefs[:, -1] != 0, G, q, keep, float(alphas[-1]))
+
+
+def least_squares(A: np.ndarray, B: np.ndarray, kept: np.ndarray, bias: bool, ridge: float) -> np.ndarray:
+    """The least-squares weights over the kept columns (and the constant row when ``bias``).
+
+    Args:
+        A, B: the statistics, constant row last.
+        kept: the kept column indices (into the D columns).
+        bias: fit an intercept (the layer has a bias blob).
+        ridge: Tikhonov term relative to the mean diagonal of A over the kept columns (never on the intercept),
+            so a rank-deficient input (a dead channel, a duplicated one) still has a unique, small solution.
+
+    Returns:
+        (len(kept) + bias) x n: the weights of the kept columns, then the bias row when ``bias``.
+    """
+    D = A.shape[0] - 1
+    rows = np.concatenate([kept, [D]]) if bias else np.asarray(kept)
+    M = A[np.ix_(rows, rows)].copy()
+    rhs = B[rows]
+    k = len(kept)
+    if k:
+        scale = float(np.trace(M[:k, :k])) / k
+        M[np.arange(k), np.arange(k)] += ridge * scale if scale > 0 else ridge
+    try:
+        return np.linalg.solve(M, rhs)
+    except np.linalg.LinAlgError:
+        return np.linalg.lstsq(M, rhs, rcond=None)[0]
+
+
+def relative_error(A: np.ndarray, B: np.ndarray, yy: float, weights: np.ndarray) -> float:
+    """||Y - X~ W~|| / ||Y|| from the statistics; ``weights`` is (D + 1) x n, the bias row last."""
+    if not yy > 0:
+        return 0.0
+    sq = yy - 2.0 * float((weights * B).sum()) + float((weights * (A @ weights)).sum())
+    return math.sqrt(max(sq, 0.0) / yy)
+
+
+def expand(solution: np.ndarray, kept: np.ndarray, D: int, bias: bool) -> np.ndarray:
+    """A least-squares solution as full (D + 1) x n weights: zero rows for removed columns, the bias row last
+    (zero without a bias)."""
+    out = np.zeros((D + 1, solution.shape[1]))
+    out[kept] = solution[:len(kept)]
+    if bias:
+        out[D] = solution[len(kept)]
+    return out
+
