@@ -540,6 +540,41 @@ def test_eltwise():
         make_layer("Eltwise", "eltwise_param { operation: PROD coeff: 1 coeff: 1 }", 2, 1, [a.shape, a.shape])
 
 
+def ref_eltwise_max_mask(bottoms):
+    """Caffe's EltwiseLayer MAX forward mask, element by element: a 0/1 tie goes to bottom 1 (``a > b`` else b);
+    bottom k >= 2 takes over only where it is strictly greater than the running max."""
+    flat = [b.reshape(-1) for b in bottoms]
+    mask = np.empty(flat[0].size, int)
+    top = np.empty(flat[0].size)
+    for i in range(flat[0].size):
+        top[i], mask[i] = (flat[0][i], 0) if flat[0][i] > flat[1][i] else (flat[1][i], 1)
+        for k in range(2, len(flat)):
+            if flat[k][i] > top[i]:
+                top[i], mask[i] = flat[k][i], k
+    return top.reshape(bottoms[0].shape), mask.reshape(bottoms[0].shape)
+
+
+def test_eltwise_max_gradient_follows_caffes_mask_on_ties():
+    # Integer values in a small range make ties between every pair of bottoms common.
+    rng = np.random.default_rng(7)
+    bottoms = [rng.integers(0, 3, (4, 5)).astype(np.float64) for _ in range(3)]
+    layer = make_layer("Eltwise", "eltwise_param { operation: MAX }", 3, 1, [b.shape for b in bottoms])
+    ts = [torch.tensor(b, dtype=torch.float32, requires_grad=True) for b in bottoms]
+    (y,) = layer.forward([], ts)
+    top_diff = rng.uniform(0.5, 1.5, (4, 5))
+    y.backward(torch.tensor(top_diff, dtype=torch.float32))
+    top, mask = ref_eltwise_max_mask(bottoms)
+    close(y.detach().numpy(), top)
+    assert (bottoms[0] == bottoms[1]).any() and (np.maximum(bottoms[0], bottoms[1]) == bottoms[2]).any()
+    for k, t in enumerate(ts):                         # each element's gradient goes wholly to the mask's bottom
+        close(t.grad.numpy(), np.where(mask == k, top_diff, 0.0))
+    # The 0/1 tie alone: Caffe's gradient goes to bottom 1.
+    a, b = (torch.tensor([1.0, 2.0], requires_grad=True) for _ in range(2))
+    (y,) = make_layer("Eltwise", "eltwise_param { operation: MAX }", 2, 1, [(2,), (2,)]).forward([], [a, b])
+    y.sum().backward()
+    assert a.grad.tolist() == [0.0, 0.0] and b.grad.tolist() == [1.0, 1.0]
+
+
 def test_concat():
     a, b = rand(2, 3, 4, 5, seed=1), rand(2, 2, 4, 5, seed=2)
     _, (y,), _ = run("Concat", "", [a, b])
@@ -775,6 +810,26 @@ def test_softmax_with_loss_normalisation_and_gradient(text, mode, ignore):
     want, grad = ref_softmax_loss(scores, labels, 1, ignore, mode)
     close(float(loss.detach()), want, rtol=1e-5)
     close(s.grad.numpy(), grad, rtol=1e-4, atol=1e-6)
+
+
+def test_softmax_with_loss_clamps_the_value_not_the_gradient():
+    # Caffe: loss = -log(max(p_label, FLT_MIN)); backward = (prob - onehot) / normalizer, never clamped. For logits
+    # [100, 0, 0] and label 1, p_1 = e^-100 < FLT_MIN: the loss is -log(FLT_MIN) and the gradient [1, -1, 0].
+    layer = make_layer("SoftmaxWithLoss", "", 2, 1, [(1, 3), (1,)])
+    s = torch.tensor([[100.0, 0.0, 0.0]], requires_grad=True)
+    (loss,) = layer.forward([], [s, torch.tensor([1.0])])
+    loss.backward()
+    close(float(loss.detach()), -math.log(FLT_MIN), rtol=1e-6)
+    close(s.grad.numpy(), [[1.0, -1.0, 0.0]], atol=1e-6)
+    # Two samples, one clamped: each gradient row is its own prob - onehot, over the VALID normaliser 2.
+    s = torch.tensor([[100.0, 0.0, 0.0], [0.0, 1.0, 2.0]], requires_grad=True)
+    layer = make_layer("SoftmaxWithLoss", "", 2, 1, [(2, 3), (2,)])
+    (loss,) = layer.forward([], [s, torch.tensor([2.0, 0.0])])
+    loss.backward()
+    want, grad = ref_softmax_loss(s.detach().double().numpy(), np.array([2.0, 0.0]), 1, None, "VALID")
+    close(float(loss.detach()), want, rtol=1e-6)
+    close(s.grad.numpy(), grad, atol=1e-6)
+    assert abs(s.grad[0, 2].item() + 0.5) < 1e-6          # the clamped sample's gradient survives
 
 
 def test_softmax_with_loss_spatial_axis_and_prob_top():

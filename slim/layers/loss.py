@@ -73,7 +73,8 @@ class _ClassifierLoss(Layer):
 @register
 class SoftmaxWithLoss(_ClassifierLoss):
     """-sum log(max(p_label, FLT_MIN)) / normalizer, softmax over softmax_param.axis; ignore_label (presence-checked)
-    skips entries. Normalisation default VALID. An optional second top holds the probabilities."""
+    skips entries. Normalisation default VALID. An optional second top holds the probabilities. The gradient is
+    Caffe's (prob - onehot) / normalizer, also where the forward's clamp at FLT_MIN is active."""
 
     type = "SoftmaxWithLoss"
     num_tops = (1, 2)
@@ -90,8 +91,9 @@ class SoftmaxWithLoss(_ClassifierLoss):
         if ignore is None:
             self._check_labels(labels, scores.shape[1])
         per = F.cross_entropy(scores, labels, reduction="none", ignore_index=-100 if ignore is None else ignore)
-        # Caffe clamps p at FLT_MIN before the log, which bounds each term by -log(FLT_MIN) = 87.3.
-        per = per.clamp(max=87.33654475055310898657)
+        # Caffe clamps p at FLT_MIN before the log in the forward only, which bounds each term by -log(FLT_MIN) =
+        # 87.3; its backward is prob - onehot, never clamped. So the value is clamped and the gradient is not.
+        per = per - (per - per.clamp(max=87.33654475055310898657)).detach()
         valid = (labels != ignore).sum() if ignore is not None else self.outer * self.inner
         loss = per.sum() / _normalizer(lp, pb.LossParameter.VALID, self.outer, self.inner, valid)
         tops = [loss]

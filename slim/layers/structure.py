@@ -9,7 +9,8 @@ __all__ = ["Eltwise", "Concat", "Slice", "Split", "Flatten", "Reshape", "Crop", 
 
 @register
 class Eltwise(Layer):
-    """SUM (with optional coeff, one per bottom), PROD or MAX of bottoms of identical shape (no broadcasting)."""
+    """SUM (with optional coeff, one per bottom), PROD or MAX of bottoms of identical shape (no broadcasting). MAX's
+    gradient follows Caffe's mask (see ``forward``)."""
 
     type = "Eltwise"
     num_bottoms = (2, None)
@@ -40,9 +41,17 @@ class Eltwise(Layer):
             for c, x in zip(coeff[1:], bottoms[1:]):
                 y = y + x if c == 1 else y + c * x
             return [y]
-        y = bottoms[0]
-        for x in bottoms[1:]:
-            y = y * x if ep.operation == pb.EltwiseParameter.PROD else torch.maximum(y, x)
+        if ep.operation == pb.EltwiseParameter.PROD:
+            y = bottoms[0]
+            for x in bottoms[1:]:
+                y = y * x
+            return [y]
+        # MAX as Caffe's forward builds its mask, so the gradient goes wholly to one bottom: bottom 1 unless bottom 0 is
+        # strictly greater (a 0/1 tie goes to bottom 1), then bottom k >= 2 only where it is strictly greater than
+        # the running max (a later tie stays with the earlier bottom). torch.maximum would split a tie's gradient.
+        y = torch.where(bottoms[0] > bottoms[1], bottoms[0], bottoms[1])
+        for x in bottoms[2:]:
+            y = torch.where(x > y, x, y)
         return [y]
 
     def macs(self):
