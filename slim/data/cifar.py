@@ -17,13 +17,18 @@ its 100 fine labels.
 
 import codecs
 import importlib
+import io
+import math
+import os
 import pickle
+import pickletools
 from pathlib import Path
 
 import numpy as np
 
 from slim.data.source import ArraySamples
 from slim.errors import DataError
+from slim.io.limits import check_allocation
 
 __all__ = ["CIFAR_SHAPE", "load_cifar", "load_array_pickle"]
 
@@ -57,58 +62,118 @@ def _numpy_internal(submodule: str, name: str):
 
 
 # The only globals a pickle may name. Both numpy 1 (numpy.core) and numpy 2 (numpy._core) spellings are listed;
-# each resolves to whichever module the installed numpy has.
+# each resolves to whichever module the installed numpy has. The two that allocate an array from a shape
+# (ndarray itself, _reconstruct) are bounded by the unpickler: an array's data must come from the file.
 _ALLOWED = {
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: np.dtype,
-    ("_codecs", "encode"): lambda: _latin1_encode,
+    ("numpy", "ndarray"): lambda u: u.ndarray,
+    ("numpy", "dtype"): lambda u: np.dtype,
+    ("_codecs", "encode"): lambda u: _latin1_encode,
 }
 for _core in ("numpy.core", "numpy._core"):
-    _ALLOWED[(f"{_core}.multiarray", "_reconstruct")] = lambda: _numpy_internal("multiarray", "_reconstruct")
-    _ALLOWED[(f"{_core}.multiarray", "scalar")] = lambda: _numpy_internal("multiarray", "scalar")
-    _ALLOWED[(f"{_core}.numeric", "_frombuffer")] = lambda: _numpy_internal("numeric", "_frombuffer")
+    _ALLOWED[(f"{_core}.multiarray", "_reconstruct")] = lambda u: u.bounded_reconstruct
+    _ALLOWED[(f"{_core}.multiarray", "scalar")] = lambda u: _numpy_internal("multiarray", "scalar")
+    _ALLOWED[(f"{_core}.numeric", "_frombuffer")] = lambda u: _numpy_internal("numeric", "_frombuffer")
+
+# Nesting deeper than this is no dataset's: a CIFAR batch is a dict of arrays and lists (depth 2).
+_MAX_DEPTH = 64
 
 
 class _ArrayUnpickler(pickle.Unpickler):
+    """Resolves only the globals of ``_ALLOWED``; an array it allocates from a shape may take at most ``limit``
+    bytes (the file's size: a genuine array's data comes from the file)."""
+
+    def __init__(self, file, limit: int, **kwargs):
+        super().__init__(file, **kwargs)
+        self.limit = limit
+        self.ndarray = self.bounded_ndarray  # one bound method, so that _reconstruct can recognise it by identity
+
     def find_class(self, module, name):
         make = _ALLOWED.get((module, name))
         if make is None:
             raise pickle.UnpicklingError(f"the pickle names the global {module}.{name}, which is not a numpy array "
                                          "constructor; it was not loaded")
-        return make()
+        return make(self)
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("the pickle uses persistent ids, which are not allowed")
+
+    def _check_size(self, shape, dtype) -> None:
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        if not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise pickle.UnpicklingError(f"an array shape {shape!r} is not a tuple of sizes")
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        if nbytes > self.limit:
+            raise pickle.UnpicklingError(f"an array of shape {shape} and dtype {np.dtype(dtype)} ({nbytes:,} bytes) "
+                                         f"is larger than the file ({self.limit:,} bytes) it must come from")
+
+    def bounded_ndarray(self, shape, dtype=float, *args, **kwargs):
+        if not args and "buffer" not in kwargs:  # with a buffer the data exists already: nothing is allocated
+            self._check_size(shape, dtype)
+        return np.ndarray(shape, dtype, *args, **kwargs)
+
+    def bounded_reconstruct(self, subtype, shape, dtype):
+        if subtype is not self.ndarray and subtype is not np.ndarray:
+            raise pickle.UnpicklingError(f"_reconstruct of {subtype!r} is not allowed")
+        self._check_size(shape, dtype)
+        return _numpy_internal("multiarray", "_reconstruct")(np.ndarray, shape, dtype)
 
 
 def load_array_pickle(path) -> object:
     """Loads a pickle that may hold only builtins (dict, list, str, bytes, numbers) and numpy arrays.
 
     Python 2 strings are returned as bytes (``encoding='bytes'``, as the CIFAR pickles need). Object arrays are
-    refused too.
+    refused too. Nothing in the file can make the reader allocate more than the file holds: every length the
+    pickle declares is checked against the bytes that follow before the unpickler sees it, arrays made from a
+    shape are bounded by the file's size, and nesting is limited.
 
     Raises:
         DataError: the file is not such a pickle.
     """
     try:
         with open(path, "rb") as f:
-            value = _ArrayUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+            check_allocation(os.fstat(f.fileno()).st_size, f"'{path}' is a pickle of",
+                             "Check that it is the dataset file meant.")
+            data = f.read()
+        _check_opcodes(data)
+        value = _ArrayUnpickler(io.BytesIO(data), len(data), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            OverflowError, MemoryError, RecursionError) as e:
         raise DataError(f"'{path}' could not be read as a pickle of numpy arrays: {e}. Re-download the dataset "
-                        "(slim loads only plain data from pickles and never runs code from them).") from e
+                        "(slim loads only plain data from pickles and never runs code from them).") from None
+    except OSError as e:
+        raise DataError(f"'{path}' cannot be read: {e.strerror or e}.") from None
     _refuse_object_arrays(value, path)
     return value
 
 
+def _check_opcodes(data: bytes) -> None:
+    """Walk the pickle's opcodes without building anything, before the unpickler allocates what they declare:
+    every declared length must fit in the bytes that follow (pickletools raises ValueError otherwise), and memo
+    indices must stay below the number of opcodes (the C unpickler grows its memo to the largest index given)."""
+    ops = 0
+    for op, arg, pos in pickletools.genops(io.BytesIO(data)):
+        ops += 1
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and int(arg) > ops:
+            raise pickle.UnpicklingError(f"memo index {arg} is beyond the {ops} opcodes read so far")
+        if op.name == "FRAME" and arg > len(data) - pos:
+            raise pickle.UnpicklingError(f"a frame of {arg:,} bytes starts {len(data) - pos:,} bytes before the end")
+
+
 def _refuse_object_arrays(value, path) -> None:
-    if isinstance(value, np.ndarray) and value.dtype.hasobject:
-        raise DataError(f"'{path}' holds an array of Python objects; only numeric arrays are accepted.")
-    if isinstance(value, dict):
-        for v in value.values():
-            _refuse_object_arrays(v, path)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _refuse_object_arrays(v, path)
+    """Refuse object arrays anywhere in ``value``, and nesting deeper than _MAX_DEPTH (walked without recursion,
+    so a hostile depth cannot exhaust the stack)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            raise DataError(f"'{path}' nests containers more than {_MAX_DEPTH} deep; a dataset file holds arrays, "
+                            "lists and dicts a few levels deep. Re-download the dataset.")
+        if isinstance(item, np.ndarray) and item.dtype.hasobject:
+            raise DataError(f"'{path}' holds an array of Python objects; only numeric arrays are accepted.")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item)
 
 
 def _find_folder(source: Path, classes: int, where: str) -> tuple[Path, str]:

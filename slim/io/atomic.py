@@ -1,41 +1,234 @@
-"""Atomic file writes: a temporary file in the target's folder, flushed, then renamed over the target.
+"""Safe file writes: atomic replacement, clear errors on full or read-only disks, no symlink followed.
 
-A crash or a full disk mid-write leaves the previous file intact, never a truncated one.
+* :func:`atomic_write` writes a temporary file in the target's folder, flushes it, then renames it over the
+  target. A crash or a full disk mid-write leaves the previous file intact, never a truncated one, and a full or
+  read-only disk is one :class:`~slim.errors.OutputError` naming the folder, with the temporary file removed.
+* Nothing slim writes follows a symbolic link planted at its name (output folders are often shared): temporary
+  files are created with ``O_EXCL | O_NOFOLLOW`` (``mkstemp``), the rename replaces a link instead of writing
+  through it, and :func:`open_append` (log-like files) refuses to follow one.
+* A writer killed mid-write (``kill -9``) leaves its temporary file, named ``.<target>.<8 random>.tmp``. The
+  writer holds an advisory lock on it while it writes, so :func:`remove_stale_temps` can later tell a leftover
+  from a file being written and remove only leftovers, only of that exact pattern.
 """
 
+from __future__ import annotations
+
 import contextlib
+import errno
+import logging
 import os
+import re
+import stat
 import tempfile
+import time
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+from slim.errors import OutputError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so no leftover is ever judged stale
+    fcntl = None
+
+__all__ = ["atomic_write", "open_append", "output_error", "check_output_path", "probe_folder", "temp_pattern",
+           "remove_stale_temps"]
+
+_log = logging.getLogger(__name__)
+
+# The errors that mean "this folder cannot take the file", reported as an OutputError.
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ELOOP}
+# tempfile's names: 8 characters from this alphabet between prefix and suffix.
+_RANDOM = r"[a-z0-9_]{8}"
+_SUFFIX = ".tmp"
+# A leftover must also be this old: covers the instant between a writer creating its file and locking it.
+_STALE_AFTER_S = 2.0
+
+
+def check_output_path(path, what: str = "output") -> None:
+    """Refuse a path that no file system accepts (a NUL byte), naming it.
+
+    Raises:
+        OutputError: the path holds a NUL byte.
+    """
+    if "\0" in os.fspath(path):
+        raise OutputError(f"The {what} path {os.fspath(path)!r} contains a NUL byte, which no file name may hold; "
+                          f"fix the path.")
+
+
+def output_error(exc: OSError, path) -> OutputError:
+    """An OutputError that says why ``path`` could not be written and what to do, from the OSError."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    code = exc.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        why = f"the folder {folder} has no space left ({exc.strerror})"
+        fix = "Free space there or write somewhere else"
+    elif code == errno.EROFS:
+        why = f"the folder {folder} is on a read-only file system"
+        fix = "Write somewhere else, or remount it read-write"
+    elif code in (errno.EACCES, errno.EPERM):
+        why = f"the folder {folder} is not writable ({exc.strerror})"
+        fix = "Make it writable or write somewhere else"
+    elif code == errno.EFBIG:
+        why = "the file is larger than the file system (or ulimit -f) allows"
+        fix = "Write to another file system or raise the limit"
+    elif code in (errno.ENOENT, errno.ENOTDIR):
+        why = f"the folder {folder} does not exist"
+        fix = "Create it or write somewhere else"
+    elif code == errno.ELOOP:
+        why = "a symbolic link is in the way and slim does not write through links"
+        fix = "Remove the link"
+    else:
+        why = exc.strerror or str(exc)
+        fix = "Check the folder"
+    return OutputError(f"Cannot write {path}: {why}. No partial file was left and any previous {path.name} is "
+                       f"unchanged. {fix}.")
 
 
 @contextlib.contextmanager
 def atomic_write(path, mode: str = "wb"):
     """Open a temporary file beside ``path`` for writing; on success rename it to ``path``.
 
+    A symbolic link at ``path`` is replaced by the new file, never written through.
+
     Args:
         path: the file to (re)write; its folder must exist.
         mode: "wb" or "w" (text, UTF-8).
+
+    Raises:
+        OutputError: the folder is full, read-only or not writable (the temporary file is removed).
     """
+    check_output_path(path)
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
-        # mkstemp creates 0600; give the file the mode a plain open() would (or keep the target's mode).
-        try:
-            perms = os.stat(path).st_mode & 0o777
-        except FileNotFoundError:
-            umask = os.umask(0)
-            os.umask(umask)
-            perms = 0o666 & ~umask
-        os.chmod(tmp, perms)
+        # mkstemp opens with O_CREAT | O_EXCL | O_NOFOLLOW: it never reuses or follows an existing name.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_SUFFIX, dir=path.parent or ".")
+    except OSError as exc:
+        raise output_error(exc, path) from None
+    _lock(fd)
+    try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            # mkstemp creates 0600; give the file the mode a plain open() would, or keep the target's mode (not
+            # that of a link's target: a link is replaced, not followed).
+            os.chmod(tmp, _mode_for(path))
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in _OUTPUT_ERRNOS:
+            raise output_error(exc, path) from None
         raise
+
+
+def _mode_for(path: Path) -> int:
+    try:
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode):
+            return st.st_mode & 0o777
+    except FileNotFoundError:
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def open_append(path):
+    """Open ``path`` to append text (UTF-8), creating it, never through a symbolic link.
+
+    A link found at ``path`` (planted in a shared folder) is removed, with a warning, and a regular file is
+    created in its place: appending must not reach the file it points to.
+
+    Raises:
+        OutputError: the folder is full, read-only or not writable.
+    """
+    check_output_path(path)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    for attempt in range(2):
+        try:
+            return os.fdopen(os.open(path, flags, 0o666), "a", encoding="utf-8")
+        except OSError as exc:
+            if attempt == 0 and os.path.islink(path):
+                _log.warning("%s was a symbolic link (to %s); it was replaced by a regular file rather than "
+                             "followed.", path, os.readlink(path))
+                os.unlink(path)  # removes the link, not its target
+                flags |= os.O_EXCL
+                continue
+            raise output_error(exc, path) from None
+    raise AssertionError("unreachable")
+
+
+def probe_folder(path, size: int = 4096) -> None:
+    """Write ``size`` bytes to a temporary file beside ``path``, sync and remove it: proof that the folder takes
+    files (an empty file can be created on a full disk; a synced block cannot). The temporary file has the name
+    :func:`atomic_write` would use for ``path``.
+
+    Raises:
+        OutputError: the folder is full, read-only or not writable.
+    """
+    with contextlib.suppress(_Probed):
+        with atomic_write(path) as f:
+            f.write(b"\0" * size)
+            f.flush()
+            os.fsync(f.fileno())
+            raise _Probed  # leave before the rename: nothing is left behind
+
+
+class _Probed(Exception):
+    """Ends a probe write without keeping its file."""
+
+
+def temp_pattern(name_regex: str) -> str:
+    """The regular expression of :func:`atomic_write`'s temporary files for targets matching ``name_regex``."""
+    return rf"\.(?:{name_regex}){re.escape('.')}{_RANDOM}{re.escape(_SUFFIX)}"
+
+
+def remove_stale_temps(folder, name_regex: str) -> list[str]:
+    """Remove the temporary files that killed writers left in ``folder`` for targets matching ``name_regex``.
+
+    Only files of :func:`atomic_write`'s exact naming pattern are considered, and of those only the ones no
+    live writer holds (its lock) and that have not changed for a moment. Links and folders are never touched.
+
+    Returns:
+        The paths removed.
+    """
+    if fcntl is None:
+        return []
+    pattern = re.compile(temp_pattern(name_regex))
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    for name in names:
+        if not pattern.fullmatch(name):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue  # a link (O_NOFOLLOW), or gone meanwhile
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < _STALE_AFTER_S:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live writer holds it (or the file system has no locks: keep it)
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _lock(fd: int) -> None:
+    """Hold an advisory lock on a file being written, so that :func:`remove_stale_temps` leaves it alone."""
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -22,20 +22,22 @@ skipped (Caffe never writes them into snapshots).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import mmap
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 from google.protobuf import descriptor as _descriptor
 from google.protobuf.message import DecodeError
 
 from slim import proto as pb
-from slim.errors import NetError, ParseError, WeightsError
+from slim.errors import NetError, ParseError, ResourceError, WeightsError
 from slim.io.atomic import atomic_write
+from slim.io.limits import check_allocation, format_bytes, memory_limit
 from slim.io.upgrade import upgrade_net
 
 __all__ = [
@@ -46,6 +48,8 @@ __all__ = [
 
 # Caffe's ReadProtoFromBinaryFile raises protobuf's total-bytes limit to INT_MAX, and OpenCV does the same.
 CAFFE_SIZE_LIMIT = 2**31 - 1
+# Caffe's kMaxBlobAxes: Blob::Reshape refuses more axes.
+MAX_BLOB_AXES = 32
 
 # Wire types.
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
@@ -376,10 +380,20 @@ def _reading(path, kind: str, copy: bool) -> Iterator[_Wire]:
         raise ParseError(f"The {kind} path {text} is a directory; give the path of the file.") from None
     except OSError as exc:
         raise ParseError(f"The {kind} {text} cannot be read: {exc.strerror or exc}.") from None
+    except ValueError as exc:  # a NUL byte in the path
+        raise ParseError(f"The {kind} path {text!r} cannot be opened ({exc}); give a path without NUL bytes.") from None
     with f:
-        if os.fstat(f.fileno()).st_size == 0:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
             raise ParseError(f"{text} is empty (0 bytes), so it holds no {kind}; re-download it or export it again.")
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError, OverflowError) as exc:
+            # Mapping reserves address space for the whole file: a (sparse) file larger than ulimit -v fails here.
+            raise ResourceError(
+                f"The {kind} {text} ({format_bytes(size)}) cannot be mapped into memory: "
+                f"{getattr(exc, 'strerror', None) or exc}. This process may use at most {format_bytes(memory_limit())} "
+                f"(physical memory, ulimit -v); check that this is the file meant, or raise the limit.") from None
         yield _Wire(buf, text, kind, file=f if copy else None)
     if copy:
         # Without copy the mapping outlives this function while views into it live, and is unmapped when the
@@ -389,19 +403,29 @@ def _reading(path, kind: str, copy: bool) -> Iterator[_Wire]:
 
 
 def _finish_blob(w: _Wire, raw: _RawBlob, where: str) -> tuple[np.ndarray, bool]:
-    """Apply Caffe's BlobProto rules: shape (legacy 4-D, shape, or a 0-axis scalar) and value count."""
+    """Apply Caffe's BlobProto rules: shape (legacy 4-D, shape, or a 0-axis scalar) and value count.
+
+    Everything is checked on the declared sizes before any value is read or any memory allocated.
+    """
     legacy = any(d is not None for d in raw.legacy)
     dims = [d or 0 for d in raw.legacy] if legacy else list(raw.dims or [])
+    if len(dims) > MAX_BLOB_AXES:
+        raise w.corrupt(raw.offset, f"{where} has a shape of {len(dims)} axes; Caffe's blobs have at most "
+                                    f"{MAX_BLOB_AXES} (kMaxBlobAxes)")
     if any(d < 0 for d in dims):
         raise w.corrupt(raw.offset, f"{where} has a negative dimension in shape {_shape_text(dims)}")
     pieces, dtype = (raw.double_data, "<f8") if sum(p.size for p in raw.double_data) else (raw.data, "<f4")
-    values = [w.values(p, dtype) for p in pieces]
-    values = values[0] if len(values) == 1 else (np.concatenate(values) if values else np.empty(0, dtype))
+    stored = sum(p.size for p in pieces)
     count = math.prod(dims)  # Python integers: no overflow; 1 for a 0-axis blob
-    if values.size != count:
+    if stored != count:
         raise ParseError(
             f"{w.path}: {where} (byte {raw.offset}) declares shape {_shape_text(dims)}, that is {count} values, but "
-            f"stores {values.size}. The file is corrupt or its writer is broken; export the weights again.")
+            f"stores {stored}. The file is corrupt or its writer is broken; export the weights again.")
+    if w.file is not None or len(pieces) > 1:  # an owned array is made: bounded before it is allocated
+        check_allocation(count * np.dtype(dtype).itemsize, f"{w.path}: {where} (shape {_shape_text(dims)}) needs",
+                         "Check that this is the file meant; a blob this large cannot be loaded on this machine.")
+    values = [w.values(p, dtype) for p in pieces]
+    values = values[0] if len(values) == 1 else (np.concatenate(values) if values else np.empty(0, dtype))
     return values.reshape(dims), legacy
 
 
@@ -495,7 +519,7 @@ def _read_caffemodel(w: _Wire, upgrade: bool) -> CaffeModel:
 def _parse_structure(w: _Wire, message_class, chunks: list[tuple[int, bytes]]):
     """Parse the blob-free remainder with protobuf; on failure, find the top-level field at fault."""
     try:
-        return message_class.FromString(b"".join(c for _, c in chunks))
+        message = message_class.FromString(b"".join(c for _, c in chunks))
     except DecodeError:
         for offset, chunk in chunks:
             try:
@@ -504,6 +528,47 @@ def _parse_structure(w: _Wire, message_class, chunks: list[tuple[int, bytes]]):
                 raise w.corrupt(offset, f"the top-level field here does not parse as part of "
                                         f"{message_class.DESCRIPTOR.full_name} ({exc})") from None
         raise w.corrupt(0, f"the fields do not parse together as {message_class.DESCRIPTOR.full_name}") from None
+    _check_text(w, message, message_class.DESCRIPTOR.name)
+    return message
+
+
+def _check_text(w: _Wire, message, where: str) -> None:
+    """Refuse string fields that are not UTF-8: proto2 parsing does not check them and hands back bytes, which
+    would travel on as layer names or paths. Only messages that can hold a string are visited; the schema has no
+    recursive messages, so the recursion is shallow."""
+    for fd, value in message.ListFields():
+        kind, repeated = _text_role(fd)
+        if kind is None:
+            continue
+        for i, item in enumerate(value if repeated else [value]):
+            if kind == "string":
+                if isinstance(item, bytes):
+                    raise ParseError(f"{w.path} is not a readable {w.kind}: its text field {where}.{fd.name} holds "
+                                     f"{item[:40]!r}, which is not UTF-8 text. The file is corrupt; re-download it "
+                                     f"or export it again.")
+            else:
+                _check_text(w, item, f"{where}.{fd.name}" + (f"[{i}]" if repeated else ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _text_role(fd) -> tuple[Optional[str], bool]:
+    """("string" | "message" that can hold one | None, repeated) for a field descriptor."""
+    if fd.type == _descriptor.FieldDescriptor.TYPE_STRING:
+        return "string", _is_repeated(fd)
+    if fd.type == _descriptor.FieldDescriptor.TYPE_MESSAGE and _holds_text(fd.message_type):
+        return "message", _is_repeated(fd)
+    return None, False
+
+
+@functools.lru_cache(maxsize=None)
+def _holds_text(descriptor, _seen: frozenset = frozenset()) -> bool:
+    """Whether a message of this type can hold a string field, directly or in a nested message."""
+    if descriptor.full_name in _seen:
+        return False
+    seen = _seen | {descriptor.full_name}
+    return any(fd.type == _descriptor.FieldDescriptor.TYPE_STRING or
+               (fd.type == _descriptor.FieldDescriptor.TYPE_MESSAGE and _holds_text(fd.message_type, seen))
+               for fd in descriptor.fields)
 
 
 def _layer_identity(net, raw: _RawLayer) -> tuple[str, str]:
