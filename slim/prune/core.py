@@ -13,6 +13,7 @@ the layers' own element-wise functions: probing f(0) for their roles, and foldin
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Sequence, Union
@@ -34,6 +35,8 @@ __all__ = ["PruneResult", "prune_net", "write_pruned", "load_blobs", "conv_fc_ma
 
 if TYPE_CHECKING:
     from slim.io import CaffeModel
+
+_log = logging.getLogger(__name__)
 
 #: A .caffemodel path, a read CaffeModel, or layer name -> blobs (numpy arrays or tensors, Caffe's order).
 Weights = Union[str, Path, "CaffeModel", Mapping[str, Sequence[np.ndarray]]]
@@ -221,6 +224,13 @@ def prune_net(net: Union[str, Path, "pb.NetParameter"], weights: Weights, policy
         params_before=graph.param_count, params_after=new_graph.param_count,
         macs_before=conv_fc_macs(graph), macs_after=conv_fc_macs(new_graph), folded=fold.folded,
         dropped=fold.dropped, biased=fold.biased, layers=layers)
+    if plan.cut is not None:
+        report.cut = plan.cut.to_dict()
+        warning = plan.cut.warning(criterion)
+        if warning:
+            report.warnings.append(warning)
+    for warning in report.warnings:
+        _log.warning("%s: %s", source, warning)
     return PruneResult(pruned_net, pruned, report, plan, analysis, blobs, absorb_bias)
 
 

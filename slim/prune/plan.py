@@ -30,6 +30,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from slim.errors import PruneError
+from slim.prune.cut import CutStats, cut_stats
 from slim.prune.groups import ChannelAnalysis
 from slim.prune.importance import NORMALIZERS, TIE_RULES, ChannelScores, default_normalizer
 
@@ -131,12 +132,15 @@ class PrunePlan:
         prunable: N, the channels that could be ranked and removed (not pinned, scored).
         requested: channels the policy asked to remove before rounding and blob guards (None for a replay).
         macs: conv+FC MACs per image before and after, when a target policy computed them.
+        cut: where the global ranking was cut and the distribution of its scores (slim.prune.cut), for global
+            percent and target policies.
     """
 
     keep: np.ndarray
     prunable: int
     requested: Optional[int] = None
     macs: Optional[Tuple[float, float]] = None
+    cut: Optional[CutStats] = None
 
     @property
     def removed(self) -> int:
@@ -243,13 +247,14 @@ def make_plan(analysis: ChannelAnalysis, scores: ChannelScores, policy: PrunePol
     rest = candidates[~in_own]
     ordered = _order(analysis, rest, score)
     eligible = _eligible(analysis, ordered, limits)
-    macs = None
+    macs = cut = None
 
     if policy.percent is not None and policy.scope == "global" and len(rest):
         k = math.floor(len(rest) * policy.percent + 1e-9)
         # The limits win over the request: what they forbid stays, and the report shows requested and removed.
         remove[eligible[:k]] = True
         requested += k
+        cut = _cut(score, rest, eligible[:k])
     elif policy.target_macs is not None or policy.speedup is not None:
         if macs_of is None:
             raise AssertionError("a target policy needs macs_of")
@@ -260,9 +265,15 @@ def make_plan(analysis: ChannelAnalysis, scores: ChannelScores, policy: PrunePol
         remove[eligible[:k]] = True
         requested += k
         macs = (before, after)
+        cut = _cut(score, rest, eligible[:k])
 
     keep = _finish(analysis, ~remove, score, policy.round_to)
-    return PrunePlan(keep, prunable, requested, macs)
+    return PrunePlan(keep, prunable, requested, macs, cut)
+
+
+def _cut(score: np.ndarray, ranked: np.ndarray, removed: np.ndarray) -> CutStats:
+    """The global ranking's cut: the highest score it removed, among the scores of every channel it ranked."""
+    return cut_stats(score[ranked], float(score[removed].max()) if len(removed) else None)
 
 
 def _search(analysis, keep0, eligible, score, round_to, macs_of, target, before) -> Tuple[int, float]:

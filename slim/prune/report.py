@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Union
 
 from slim.errors import PruneError
 from slim.io.atomic import atomic_write
+from slim.prune.cut import CutStats
 
 __all__ = ["LayerChange", "PruneReport"]
 
@@ -64,6 +65,9 @@ class PruneReport:
         folded: removed-channel constants folded into a bias; dropped: those that could not be (--absorb-bias).
         biased: layers that were given a bias to hold folded constants.
         layers: every producer layer, pruned or not, in net order.
+        cut: the global ranking's cut and score distribution (slim.prune.cut.CutStats.to_dict; empty when the policy
+            had no global ranking): threshold, first_kept, gap, dense, quantiles, below.
+        warnings: what the user should know before using the pruned net (a cut through dense scores, ...).
     """
 
     net: str
@@ -85,6 +89,8 @@ class PruneReport:
     dropped: int
     biased: List[str]
     layers: List[LayerChange]
+    cut: Dict[str, object] = dataclasses.field(default_factory=dict)
+    warnings: List[str] = dataclasses.field(default_factory=list)
 
     @property
     def fraction(self) -> float:
@@ -106,6 +112,8 @@ class PruneReport:
         out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layers"})
         out["policy"] = dict(self.policy)
         out["biased"] = list(self.biased)
+        out["cut"] = dict(self.cut)
+        out["warnings"] = list(self.warnings)
         out["fraction"] = self.fraction
         out["layers"] = [{"name": c.name, "type": c.type, "before": c.before, "after": c.after, "kept": c.kept}
                          for c in self.layers]
@@ -136,7 +144,8 @@ class PruneReport:
         try:
             layers = [LayerChange(str(l["name"]), str(l["type"]), int(l["before"]), int(l["after"]),
                                   [int(i) for i in l["kept"]]) for l in data["layers"]]
-            fields = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name != "layers"}
+            fields = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name != "layers"
+                      and (f.name in data or f.default_factory is dataclasses.MISSING)}   # older reports lack some
         except (KeyError, TypeError, ValueError) as e:
             raise PruneError(f"{source} is a damaged prune report ({type(e).__name__}: {e}); regenerate it with "
                              f"slim prune.") from None
@@ -171,6 +180,10 @@ class PruneReport:
         if self.requested is not None and self.removed < self.requested:
             lines.append(f"  note: {self.requested} channels were asked for; --min-channels, --max-prune-per-layer, "
                          f"--round-to and non-empty blobs kept {self.requested - self.removed} of them")
+        if self.cut:
+            lines.append(f"  {CutStats.from_dict(self.cut).describe()}")
+        for warning in self.warnings:
+            lines.append(f"  WARNING: {warning}")
         if self.folded or self.dropped:
             lines.append(f"  folded {self.folded} removed-channel constants into biases"
                          + (f"; {self.dropped} could not be folded (read through padding)" if self.dropped else ""))
