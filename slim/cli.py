@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except SlimError as e:
-        print(f"slim {args.command}: error: {e}", file=sys.stderr)
+        if not getattr(e, "reported_elsewhere", False):  # e.g. a peer training process that reports it itself
+            print(f"slim {args.command}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
