@@ -62,6 +62,8 @@ class Hook:
 
     ``before_step`` runs at the start of an iteration, before the test and the forward passes (``solver.iter``
     is the iteration about to run); an exception there is shared with the other processes, which stop too.
+    ``after_backward`` runs once the gradients of the iteration's passes are complete (after the all-reduce and
+    the display), before the update: Caffe's ``on_gradients_ready``, where a hook may read or change them.
     ``after_step`` runs after the update (``solver.iter`` already advanced), before the snapshot check.
     A hook may call ``solver.request(Action.STOP)`` or ``Action.SNAPSHOT`` in ``before_step`` to act at the end
     of that iteration, exactly as a signal does.
@@ -69,6 +71,9 @@ class Hook:
 
     def before_step(self, solver: "Solver") -> None:
         """Start of iteration ``solver.iter``."""
+
+    def after_backward(self, solver: "Solver") -> None:
+        """Gradients of iteration ``solver.iter`` complete, before its update."""
 
     def after_step(self, solver: "Solver") -> None:
         """After the update that made ``solver.iter``."""
@@ -174,6 +179,9 @@ class Solver:
             self._reducer = GradientReducer(self._tensors, self.dist)
         self.precision = MixedPrecision(amp, self.device, self._tensors)
         self._forward = _CompiledForward(self.net) if compile else self.net
+        # The train net's passes can be replaced (slim.caffe runs its own, layer by layer, so every blob's data and
+        # diff hold what Caffe's would): an object whose forward() and forward_backward() return a NetOutput.
+        self.passes = None
         self._loss_weights = output_loss_weights(self.net)
 
         self.iter = 0
@@ -263,9 +271,12 @@ class Solver:
         return bool(p.test_interval) and self.iter % p.test_interval == 0 and (self.iter > 0 or p.test_initialization)
 
     def _forward_backward(self) -> torch.Tensor:
-        with self.precision.autocast():
-            out = self._forward()
-        self.precision.backward(out.loss)
+        if self.passes is not None:
+            out = self.passes.forward_backward()
+        else:
+            with self.precision.autocast():
+                out = self._forward()
+            self.precision.backward(out.loss)
         self._last_outputs = out
         return out.loss.detach().float()
 
@@ -319,6 +330,8 @@ class Solver:
             self.loss = loss_value
             self._losses.append(loss_value)
             record = self._display() if display and self.dist.is_root else None
+            for hook in self.hooks:
+                hook.after_backward(self)
             self._apply_update(display, record)
             self.iter += 1
             for hook in self.hooks:
@@ -373,6 +386,13 @@ class Solver:
         hooks = [self.sparsity] if self.sparsity.penalty else []
         self.precision.step(lambda: self.rule.apply_update(rate, self.iter, gradient_hooks=hooks))
 
+    def apply_update(self) -> None:
+        """One update from the gradients now in the params' ``.grad`` (Caffe's ``ApplyUpdate``, as pycaffe exposes
+        it): the rate of iteration ``iter``, clipping, weight decay, the sparsity penalty and the rule. ``iter`` is
+        not advanced."""
+        p = self.param
+        self._apply_update(bool(p.display) and self.iter % p.display == 0, None)
+
     def solve(self) -> bool:
         """Train from the current iteration to ``max_iter``, as Caffe's ``Solver::Solve``.
 
@@ -397,7 +417,7 @@ class Solver:
                 # Caffe's last display: one forward-only pass (it reads a batch and, in TRAIN phase, moves the
                 # BatchNorm statistics, as Caffe's does).
                 with torch.no_grad(), self.precision.autocast():
-                    out = self._forward()
+                    out = self._forward() if self.passes is None else self.passes.forward()
                 self._losses.append(float(out.loss))
                 _log.info("Iteration %d, loss = %s", self.iter, fmt(self.smoothed_loss))
             if self.dist.is_root and p.test_interval and self.iter % p.test_interval == 0:
