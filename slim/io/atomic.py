@@ -30,8 +30,8 @@ try:
 except ImportError:  # Windows: no advisory locks, so no leftover is ever judged stale
     fcntl = None
 
-__all__ = ["atomic_write", "open_append", "output_error", "check_output_path", "probe_folder", "temp_pattern",
-           "remove_stale_temps"]
+__all__ = ["atomic_write", "open_append", "open_regular", "output_error", "check_output_path", "probe_folder",
+           "temp_pattern", "remove_stale_temps"]
 
 _log = logging.getLogger(__name__)
 
@@ -145,10 +145,17 @@ def open_append(path):
         OutputError: the folder is full, read-only or not writable.
     """
     check_output_path(path)
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    # O_NONBLOCK: a FIFO planted at the name fails at once instead of blocking until someone reads it.
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
     for attempt in range(2):
         try:
-            return os.fdopen(os.open(path, flags, 0o666), "a", encoding="utf-8")
+            fd = os.open(path, flags, 0o666)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OutputError(f"Cannot append to {path}: it is not a regular file. Remove it or choose another "
+                                  f"name.")
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "a", encoding="utf-8")
         except OSError as exc:
             if attempt == 0 and os.path.islink(path):
                 _log.warning("%s was a symbolic link (to %s); it was replaced by a regular file rather than "
@@ -158,6 +165,23 @@ def open_append(path):
                 continue
             raise output_error(exc, path) from None
     raise AssertionError("unreachable")
+
+
+def open_regular(path):
+    """Open ``path`` to read text (UTF-8) if it is a regular file, without following a link or blocking on a FIFO.
+
+    Returns:
+        The open file, or None when there is no regular file at ``path``.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except (OSError, ValueError):
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, encoding="utf-8")
 
 
 def probe_folder(path, size: int = 4096) -> None:

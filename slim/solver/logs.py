@@ -127,21 +127,32 @@ class MetricsFile:
         self.path = os.fspath(path)
 
     def write(self, record: dict) -> None:
-        """Append ``record`` (plus the time) as one line."""
+        """Append ``record`` (plus the time) as one line.
+
+        Raises:
+            OutputError: the folder is full, read-only or not writable.
+        """
+        from slim.io.atomic import open_append, output_error
+
         line = json.dumps({**record, "time": round(time.time(), 3)}, allow_nan=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        with open_append(self.path) as f:  # never through a link planted at the name
+            try:
+                f.write(line + "\n")
+                f.flush()
+            except OSError as e:
+                raise output_error(e, self.path) from None
 
     def truncate_from(self, iter: int) -> None:
         """Drop the records of iteration ``iter`` and later: a run resumed at ``iter`` writes them again.
 
         Lines that are not JSON objects with an ``iter`` are kept as they are.
         """
-        if not os.path.exists(self.path):
-            return
-        from slim.io.atomic import atomic_write
+        from slim.io.atomic import atomic_write, open_regular
 
-        with open(self.path, encoding="utf-8") as f:
+        f = open_regular(self.path)
+        if f is None:  # absent, or a link, which the next write replaces without reading it
+            return
+        with f:
             lines = f.readlines()
         kept = []
         for line in lines:

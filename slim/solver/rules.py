@@ -207,17 +207,16 @@ class UpdateRule:
             self._fail(f"a snapshot whose history does not match the net: the {self.type} rule keeps "
                        f"{len(self.history)} history blobs ({per}, {len(self.params)} params), but the snapshot "
                        f"has {len(blobs)}. Resume with the net and solver type the snapshot was taken with.")
-        values = []
-        for k, (h, b) in enumerate(zip(self.history, blobs)):
-            t = b.detach() if isinstance(b, torch.Tensor) else torch.tensor(np.asarray(b))
-            if tuple(t.shape) != tuple(h.shape) and _strip(t.shape) != _strip(h.shape):
+        for k, (h, b) in enumerate(zip(self.history, blobs)):  # every shape, before anything is copied
+            shape = tuple(np.shape(b))
+            if shape != tuple(h.shape) and _strip(shape) != _strip(h.shape):
                 self._fail(f"a snapshot whose history does not match the net: history blob {k} belongs to "
                            f"{self._history_name(k)} of shape {tuple(h.shape)}, but the snapshot's has shape "
-                           f"{tuple(t.shape)}. Resume with the net the snapshot was taken with.")
-            values.append(t.reshape(h.shape))
+                           f"{shape}. Resume with the net the snapshot was taken with.")
         with torch.no_grad():
-            for h, t in zip(self.history, values):
-                h.copy_(t)
+            for h, b in zip(self.history, blobs):
+                t = b.detach() if isinstance(b, torch.Tensor) else torch.tensor(np.asarray(b))
+                h.copy_(t.reshape(h.shape))
 
     def _grads(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         # Caffe zeroes every diff before the passes, so a param that got no gradient has a zero one.

@@ -29,18 +29,25 @@ outputs, bit for bit on a CPU, as the run that never stopped. Older slim snapsho
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import math
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
 from slim import proto as pb
-from slim.errors import SolverError
+from slim.errors import OutputError, SolverError
+from slim.io.atomic import probe_folder, remove_stale_temps
+from slim.io.limits import format_bytes
 
-__all__ = ["snapshot_paths", "check_prefix", "write_snapshot", "read_snapshot", "ResumeState", "DataPosition"]
+__all__ = ["snapshot_paths", "check_prefix", "unpaired_caffemodels", "write_snapshot", "read_snapshot", "ResumeState",
+           "DataPosition"]
 
 _log = logging.getLogger(__name__)
 
@@ -68,31 +75,61 @@ def snapshot_paths(prefix: str, iter: int) -> tuple[str, str]:
     return base + ".caffemodel", base + ".solverstate"
 
 
-def check_prefix(prefix: str, iter: int, source: str) -> None:
-    """Caffe's check at start-up: a file ``prefix_iter_N.tempfile`` can be created (then it is removed).
+def check_prefix(prefix: str, iter: int, source: str, snapshot_bytes: int = 0) -> None:
+    """Caffe's check at start-up that snapshots can be written, made safe for shared folders.
+
+    Caffe creates and removes ``prefix_iter_N.tempfile``; slim instead writes and syncs a block through the same
+    atomic writer the snapshots use (a temporary file, never through a planted link), so a full disk is found
+    now and not hours later. It also removes temporary files that killed snapshot writers left for this prefix,
+    and checks that the folder has room for one snapshot pair (``snapshot_bytes``).
 
     Raises:
-        SolverError: the folder does not exist or is not writable.
+        SolverError: the prefix holds a NUL byte, or the folder does not exist.
+        OutputError: the folder is full, read-only or not writable, or has no room for a snapshot.
     """
-    probe = f"{prefix}_iter_{iter}.tempfile"
-    folder = os.path.dirname(probe) or "."
+    if "\0" in prefix:
+        raise SolverError(f"{source}: snapshot_prefix {prefix!r} contains a NUL byte, which no file name may hold. "
+                          f"Fix snapshot_prefix.")
+    folder = os.path.dirname(prefix) or "."
     if not os.path.isdir(folder):
         raise SolverError(f"{source}: snapshot_prefix \"{prefix}\" puts snapshots in the folder \"{folder}\", which "
                           f"does not exist. Create it, or change snapshot_prefix.")
-    try:
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise SolverError(f"{source}: cannot write snapshots with snapshot_prefix \"{prefix}\": creating {probe} "
-                          f"failed ({e.strerror}). Make the folder writable or change snapshot_prefix.") from None
+    for path in remove_stale_temps(folder, _snapshot_name_regex(prefix)):
+        _log.warning("Removed %s, left by a snapshot write that was interrupted.", path)
+    model_path, _ = snapshot_paths(prefix, iter)
+    probe_folder(model_path)
+    free = shutil.disk_usage(folder).free
+    if snapshot_bytes > free:
+        raise OutputError(f"{source}: a snapshot (caffemodel and solverstate) takes about "
+                          f"{format_bytes(snapshot_bytes)}, but the folder {folder} of snapshot_prefix \"{prefix}\" has "
+                          f"{format_bytes(free)} free. Free space there or change snapshot_prefix.")
+
+
+def _snapshot_name_regex(prefix: str) -> str:
+    """The names of the files of ``prefix``'s snapshots (and its metrics file), as a regular expression."""
+    base = re.escape(os.path.basename(prefix))
+    return rf"{base}_iter_\d+\.(?:caffemodel|solverstate)|{base}\.metrics\.jsonl"
+
+
+def unpaired_caffemodels(prefix: str, after: int = -1) -> list[str]:
+    """The ``prefix_iter_N.caffemodel`` files (N > ``after``) without their ``.solverstate``, by iteration."""
+    folder = os.path.dirname(prefix) or "."
+    pattern = re.compile(rf"{re.escape(os.path.basename(prefix))}_iter_(\d+)\.caffemodel")
+    found = []
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            m = pattern.fullmatch(name)
+            if m and int(m.group(1)) > after and not os.path.exists(snapshot_paths(prefix, int(m.group(1)))[1]):
+                found.append((int(m.group(1)), os.path.join(folder, name)))
+    return [path for _, path in sorted(found)]
 
 
 def write_snapshot(prefix: str, iter: int, net, *, current_step: int, history: Sequence, rng_states: Sequence[bytes],
                    cuda_rng_states: Sequence[bytes] = (), data: Sequence[DataPosition] = (),
                    smoothed_loss: Sequence[float] = (), world_size: int = 1,
                    loss_scale: Optional[tuple[float, int]] = None) -> tuple[str, str]:
-    """Write the caffemodel, then the solverstate, of iteration ``iter`` (each atomically).
+    """Write the caffemodel, then the solverstate, of iteration ``iter`` (each atomically; when the solverstate
+    cannot be written, the new caffemodel is removed again, so no half pair is left).
 
     Args:
         prefix: snapshot_prefix.
@@ -129,7 +166,13 @@ def write_snapshot(prefix: str, iter: int, net, *, current_step: int, history: S
     if loss_scale is not None:
         slim.loss_scale, slim.loss_scale_growth = float(loss_scale[0]), int(loss_scale[1])
     _log.info("Snapshotting solver state to binary proto file %s", state_path)
-    write_solverstate(state_path, state, [h.detach() for h in history])
+    try:
+        write_solverstate(state_path, state, [h.detach() for h in history])
+    except BaseException:
+        # A snapshot is the pair: weights without their solverstate cannot be resumed and would only mislead.
+        with contextlib.suppress(OSError):
+            os.unlink(model_path)
+        raise
     return model_path, state_path
 
 
@@ -141,7 +184,8 @@ class ResumeState:
         path: the solverstate file.
         iter: completed updates.
         current_step: multistep position.
-        history: the history arrays (writable float32).
+        history: the history arrays, read-only views into the mapped solverstate (copied into the solver once
+            their shapes are checked against it).
         learned_net: the caffemodel to load, resolved to an existing path, or None (Caffe's states may omit it).
         rng_states: one torch CPU generator state per process, or None (a Caffe solverstate).
         cuda_rng_states: one CUDA generator state per process, or None.
@@ -190,10 +234,16 @@ def read_snapshot(path: str | os.PathLike, world_size: int = 1) -> ResumeState:
     if path.endswith(".h5"):
         raise SolverError(f"{path}: HDF5 solver states are not supported; resume from a .solverstate (binary proto) "
                           f"snapshot, written with snapshot_format: BINARYPROTO (Caffe's default).")
+    if "\0" in path:
+        raise SolverError(f"--snapshot {path!r} contains a NUL byte, which no file name may hold. Give the "
+                          f".solverstate file of a snapshot (prefix_iter_N.solverstate).")
     if not os.path.exists(path):
         raise SolverError(f"--snapshot {path} does not exist. Give the .solverstate file of a snapshot "
                           f"(prefix_iter_N.solverstate).")
-    state, history = read_solverstate(path, copy=True)
+    # Views, not copies: the history is copied into the solver only once its shapes are checked against the net,
+    # so a state declaring a huge blob costs nothing before it is refused.
+    state, history = read_solverstate(path)
+    _check_state(state, path)
     learned = None
     if state.learned_net:
         learned = state.learned_net
@@ -227,3 +277,34 @@ def read_snapshot(path: str | os.PathLike, world_size: int = 1) -> ResumeState:
         if s.HasField("loss_scale"):
             out.loss_scale = (float(s.loss_scale), int(s.loss_scale_growth))
     return out
+
+
+def _check_state(state: "pb.SolverState", path: str) -> None:
+    """Refuse values no run can have written (a damaged or forged file), before anything is resumed from them.
+
+    What depends on the solver and the net (history shapes, the generator states' size, iter against max_iter,
+    data positions against the datasets) is checked by the solver.
+    """
+    def bad(what: str) -> SolverError:
+        return SolverError(f"{path}: {what}, which no training run writes; the file is damaged. Resume from another "
+                           f"snapshot.")
+
+    if state.iter < 0:
+        raise bad(f"iter is {state.iter}")
+    if state.current_step < 0:
+        raise bad(f"current_step is {state.current_step}")
+    if not state.HasField("slim_state"):
+        return
+    s = state.slim_state
+    if s.world_size < 0:
+        raise bad(f"slim_state.world_size is {s.world_size}")
+    for d in s.data:
+        if d.epoch < 0 or d.position < 0 or (d.HasField("test_net") and d.test_net < 0):
+            raise bad(f"the data layer '{d.layer}' is at epoch {d.epoch}, position {d.position}")
+    if s.data_epoch < 0 or s.data_position < 0:
+        raise bad(f"the data position is epoch {s.data_epoch}, position {s.data_position}")
+    if not all(math.isfinite(v) for v in s.smoothed_loss):
+        raise bad("slim_state.smoothed_loss holds a value that is not finite")
+    if s.HasField("loss_scale") and not (math.isfinite(s.loss_scale) and s.loss_scale > 0 and
+                                         s.loss_scale_growth >= 0):
+        raise bad(f"the fp16 loss scale is {s.loss_scale} (growth {s.loss_scale_growth})")

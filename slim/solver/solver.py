@@ -29,6 +29,7 @@ every ``Step`` call, so after a resume), so a resumed run logs what the uninterr
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import os
@@ -40,7 +41,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from slim import proto as pb
-from slim.errors import SlimError, SolverError
+from slim.errors import OutputError, SlimError, SolverError
 from slim.solver.distributed import FLAGS, Distributed, GradientReducer, all_gather_bytes, broadcast_tensors
 from slim.solver.evaluate import Evaluation, evaluate, output_loss_weights, output_scores
 from slim.solver.logs import MetricsFile, ProgressBar, fmt
@@ -49,12 +50,23 @@ from slim.solver.nets import resolve_path, solver_nets, split_weights
 from slim.solver.precision import MixedPrecision
 from slim.solver.rules import RULES, create_rule
 from slim.solver.signals import Action
-from slim.solver.snapshot import DataPosition, ResumeState, check_prefix, read_snapshot, write_snapshot
+from slim.solver.snapshot import (DataPosition, ResumeState, check_prefix, read_snapshot, unpaired_caffemodels,
+                                  write_snapshot)
 from slim.solver.sparsity import create_sparsity
 
-__all__ = ["Solver", "Hook"]
+__all__ = ["Solver", "Hook", "PeerFailure"]
 
 _log = logging.getLogger(__name__)
+
+
+class PeerFailure(SolverError):
+    """Raised on a training process that stops because another process failed or saw the loss diverge.
+
+    The process that saw the problem reports it; this one stops without repeating it (``reported_elsewhere``), so a
+    run of several processes prints one true message.
+    """
+
+    reported_elsewhere = True
 
 
 class Hook:
@@ -197,7 +209,7 @@ class Solver:
         if self.dist.is_root and metrics:
             self.metrics = MetricsFile(p.metrics_file or p.snapshot_prefix + ".metrics.jsonl")
         if self.dist.is_root and (p.snapshot > 0 or p.snapshot_after_train):
-            check_prefix(p.snapshot_prefix, self.iter, self.source)
+            check_prefix(p.snapshot_prefix, self.iter, self.source, snapshot_bytes=self._snapshot_bytes())
         if snapshot is not None:
             self.restore(snapshot)
 
@@ -217,6 +229,10 @@ class Solver:
         if p.snapshot_format != pb.SolverParameter.BINARYPROTO:
             raise SolverError(f"{src}: snapshot_format HDF5 is not supported; remove snapshot_format (the default "
                               f"BINARYPROTO writes .caffemodel and .solverstate files).")
+        for name in ("snapshot_prefix", "metrics_file", "net", "train_net"):
+            if "\0" in getattr(p, name):
+                raise SolverError(f"{src}: {name} {getattr(p, name)!r} contains a NUL byte, which no file name may "
+                                  f"hold. Fix {name}.")
         if not p.snapshot_prefix and (p.snapshot > 0 or p.snapshot_after_train):
             raise SolverError(f"{src}: snapshot_prefix is empty; set it to where snapshots go, e.g. "
                               f"snapshot_prefix: \"snapshots/run\".")
@@ -323,7 +339,7 @@ class Solver:
             if summed["failed"]:
                 if failure is not None:
                     raise failure
-                raise SolverError(f"Iteration {self.iter}: {int(summed['failed'])} other training process(es) failed "
+                raise PeerFailure(f"Iteration {self.iter}: {int(summed['failed'])} other training process(es) failed "
                                   f"(their messages are above); this process stops too.")
             if summed["nonfinite"]:
                 self._diverged(loss_value)
@@ -346,6 +362,8 @@ class Solver:
                 break
 
     def _diverged(self, loss_value: float):
+        if not self.dist.is_root:  # the root knows the snapshots and says it once for all
+            raise PeerFailure(f"Iteration {self.iter}: the loss is not finite; process 0 reports it.")
         where = f" (loss {fmt(loss_value)} on this process)" if not math.isfinite(loss_value) else \
             " (on another process)"
         keep = (f"The last snapshot, {self.last_snapshot}, is kept; resume from it" if self.last_snapshot
@@ -382,7 +400,8 @@ class Solver:
         if record is not None:
             record["lr"] = rate
             if self.metrics is not None:
-                self.metrics.write(record)
+                with self._stopping_on_output_error("the metrics file"):
+                    self.metrics.write(record)
         hooks = [self.sparsity] if self.sparsity.penalty else []
         self.precision.step(lambda: self.rule.apply_update(rate, self.iter, gradient_hooks=hooks))
 
@@ -455,7 +474,8 @@ class Solver:
             record = {"kind": "test", "iter": self.iter, "net": i, "outputs": ev.as_dict()}
             if self.param.test_compute_loss:
                 record["loss"] = ev.loss
-            self.metrics.write(record)
+            with self._stopping_on_output_error("the metrics file"):
+                self.metrics.write(record)
         return ev
 
     # ----- snapshots -------------------------------------------------------------------------------------------
@@ -484,13 +504,30 @@ class Solver:
             self.progress.clear()
         data = [DataPosition(name, epoch, position, key) for key, net in self._data_nets().items()
                 for name, (epoch, position) in net.data_state().items()]
-        _, state_path = write_snapshot(
-            self.param.snapshot_prefix, self.iter, self.net, current_step=self.schedule.current_step,
-            history=self.rule.history, rng_states=rng, cuda_rng_states=cuda_rng, data=data,
-            smoothed_loss=list(self._losses), world_size=self.dist.world_size,
-            loss_scale=self.precision.scaler_state())
+        with self._stopping_on_output_error("its snapshot"):
+            _, state_path = write_snapshot(
+                self.param.snapshot_prefix, self.iter, self.net, current_step=self.schedule.current_step,
+                history=self.rule.history, rng_states=rng, cuda_rng_states=cuda_rng, data=data,
+                smoothed_loss=list(self._losses), world_size=self.dist.world_size,
+                loss_scale=self.precision.scaler_state())
         self.last_snapshot = state_path
         return state_path
+
+    @contextlib.contextmanager
+    def _stopping_on_output_error(self, what: str):
+        """Turn a failed write (full or read-only disk) into one message saying what was kept; training stops."""
+        try:
+            yield
+        except OutputError as e:
+            keep = (f"The last good snapshot, {self.last_snapshot}, is kept: resume from it with --snapshot once the "
+                    f"folder takes files again" if self.last_snapshot else "No snapshot had been written yet")
+            raise OutputError(f"Iteration {self.iter}: training stopped because {what} could not be written. {e} "
+                              f"{keep}.") from None
+
+    def _snapshot_bytes(self) -> int:
+        """About how many bytes one snapshot pair takes: every blob of the train net plus the history, as float32."""
+        blobs = sum(t.numel() for ts in self.net.params.values() for t in ts)
+        return 4 * (blobs + sum(h.numel() for h in self.rule.history))
 
     def _diverged_weights(self):
         keep = f"the last snapshot, {self.last_snapshot}, is kept" if self.last_snapshot else "no snapshot was written"
@@ -506,6 +543,8 @@ class Solver:
         """
         _log.info("Restoring previous solver status from %s", path)
         state: ResumeState = read_snapshot(path, self.dist.world_size)
+        self._check_resume(state)
+        self._announce_resume(state)
         if state.learned_net is not None:
             self.net.load_weights(state.learned_net)
         self.rule.load_history(state.history)
@@ -532,6 +571,50 @@ class Solver:
         self._snapshot_iter = self.iter
         if self.metrics is not None:
             self.metrics.truncate_from(self.iter)
+
+    def _check_resume(self, state: ResumeState) -> None:
+        """Check what a solverstate says against this solver before any of it is used (the file's own
+        consistency was checked when it was read; history and data positions are checked as they are loaded)."""
+        p, where = self.param, state.path
+        if state.iter > p.max_iter:
+            raise SolverError(f"{where} is at iteration {state.iter}, past max_iter {p.max_iter} of {self.source}; "
+                              f"there is nothing left to train. Raise max_iter to continue training.")
+        if p.lr_policy == "multistep" and state.current_step > len(p.stepvalue):
+            raise SolverError(f"{where}: current_step is {state.current_step}, but {self.source} has "
+                              f"{len(p.stepvalue)} stepvalue(s). Resume with the solver the snapshot was taken with.")
+        if state.rng_states is not None:
+            expected = torch.get_rng_state().numel()
+            state_bytes = state.rng_states[self.dist.rank]
+            problem = f"{len(state_bytes)} bytes, not {expected}" if len(state_bytes) != expected else None
+            if problem is None:
+                try:  # a generator of its own: the check leaves the global one untouched
+                    torch.Generator().set_state(torch.frombuffer(bytearray(state_bytes), dtype=torch.uint8))
+                except RuntimeError as e:
+                    problem = str(e)
+            if problem:
+                raise SolverError(f"{where}: the random-number state of process {self.dist.rank} is not a state of "
+                                  f"this torch's CPU generator ({problem}); the file is damaged. Resume from "
+                                  f"another snapshot.")
+        if state.cuda_rng_states is not None and self.device.type == "cuda":
+            expected = torch.cuda.get_rng_state(self.device).numel()
+            if len(state.cuda_rng_states[self.dist.rank]) != expected:
+                raise SolverError(f"{where}: the CUDA random-number state of process {self.dist.rank} holds "
+                                  f"{len(state.cuda_rng_states[self.dist.rank])} bytes, not {expected}; the file is "
+                                  f"damaged or from another CUDA generator. Resume from another snapshot.")
+
+    def _announce_resume(self, state: ResumeState) -> None:
+        """Say which snapshot pair is resumed from, and which newer weights are not used and why."""
+        if state.learned_net is not None:
+            _log.info("Resuming at iteration %d from %s with its weights %s", state.iter, state.path,
+                      state.learned_net)
+        else:
+            _log.warning("Resuming at iteration %d from %s, which names no weights file (learned_net): the net keeps "
+                         "the weights it was built with.", state.iter, state.path)
+        if self.dist.is_root and self.param.snapshot_prefix:
+            for model in unpaired_caffemodels(self.param.snapshot_prefix, after=state.iter):
+                _log.warning("%s is newer than the snapshot resumed from but has no .solverstate: that snapshot was "
+                             "interrupted while it was written, so it cannot be resumed from and is not used (its "
+                             "weights can still seed a run with --weights).", model)
 
     def _data_nets(self) -> dict:
         """The nets whose data positions a snapshot keeps: None -> the train net, i -> test net i."""

@@ -164,6 +164,10 @@ def _worker(index: int, config: TrainConfig, port: int, gpu_ids: Optional[list[i
         dist = init_process_group(index, nprocs, device, init_method=f"tcp://127.0.0.1:{port}", local_rank=index)
         _solve(config, dist, progress)
     except SlimError as e:
+        if getattr(e, "reported_elsewhere", False):
+            # Another process reports the failure and exits with an error; this one leaves quietly, so that the
+            # launcher waits for that message instead of stopping its writer first.
+            return
         print(f"slim train (process {index}): error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
