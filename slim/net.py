@@ -13,6 +13,7 @@ names) are the same Parameter object in every layer that names them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import logging
 import re
 import warnings
@@ -105,6 +106,7 @@ class Net(nn.Module):
                                 stages=stages, state=state, allow_unknown_fields=allow_unknown_fields)
         self.graph = graph
         self.phase = graph.phase
+        _check_blob_memory(graph)
         generator = torch.Generator().manual_seed(seed) if seed is not None else torch.default_generator
         self.blobs = nn.ModuleDict()
         self._keys: Dict[str, str] = {}
@@ -444,6 +446,21 @@ def _check_loaded(source: str, graph: NetGraph, params: Mapping[str, list], mode
     if missing:
         _log.warning("%s: %d of the net's %d layers with blobs are not in %s and keep their filler values: %s",
                      graph.source, len(missing), len(params), source, _names(missing))
+
+
+def _check_blob_memory(graph: NetGraph) -> None:
+    """Refuse, before any filler runs, a net whose blobs cannot fit in memory, with the figure and the largest
+    layer (a num_output of 10^9 would otherwise end in a raw allocation failure, or an out-of-memory kill)."""
+    from slim.io.limits import check_allocation
+
+    sizes = {node.name: sum(math.prod(shape) for shape, spec in zip(node.blob_shapes, node.blob_specs)
+                            if spec.owner is None) * 4 for node in graph.layers}  # float32; shared blobs once
+    if not sizes:
+        return
+    largest = max(sizes, key=sizes.get)
+    check_allocation(sum(sizes.values()), f"{graph.source}: the blobs of the net (largest: layer '{largest}', blob "
+                                          f"shapes {list(graph.layer(largest).blob_shapes)}) need",
+                     "Reduce num_output (or the layer sizes) in the prototxt.")
 
 
 def _shape_matches(stored, target, legacy: bool) -> bool:
