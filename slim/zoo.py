@@ -35,7 +35,7 @@ from slim.io.text import net_to_text
 
 __all__ = ["ZOO", "ABOUT", "ZooInfo", "VGG_CFGS", "vgg_cifar", "vgg16_imagenet", "resnet_cifar",
            "preresnet_bottleneck_cifar", "densenet_cifar", "resnet_imagenet", "mobilenet_v1", "mobilenet_v2",
-           "demo_digits", "zoo_header", "render_zoo", "write_zoo", "stale_zoo_files"]
+           "vgg_fashion", "resnet_fashion", "VGG7_FASHION_CFG", "FASHION_MNIST_SOURCE", "demo_digits", "zoo_header", "render_zoo", "write_zoo", "stale_zoo_files"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # Data recipes
@@ -51,6 +51,12 @@ _CIFAR_MEAN = {pb.SlimDataParameter.CIFAR10: (125, 123, 114), pb.SlimDataParamet
 _CIFAR_SCALE = 1 / 64
 # ImageNet in Caffe's BGR order, as in the BVLC and KaimingHe models.
 _IMAGENET_MEAN = (104, 117, 123)
+#: Where Debian's dataset-fashion-mnist package installs the four IDX files (``apt-get install
+#: dataset-fashion-mnist``); edit slim_data_param.source to read them (or MNIST) from elsewhere.
+FASHION_MNIST_SOURCE = "/usr/share/datasets/fashion-mnist"
+# Fashion-MNIST's training pixels (0..255) have mean 72.94 and standard deviation 90.0; as for CIFAR one scale of
+# 1/64 (an exact binary fraction) gives inputs of standard deviation 1.4, and BatchNorm follows the first conv.
+_FASHION_MEAN, _FASHION_SCALE = 73, 1 / 64
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,17 @@ class _Builder:
         """CIFAR-10/100: batch 64 for training, 100 for testing; 4-pixel padding, random 32x32 crop and flip."""
         return self.slim_data(dataset, _CIFAR_SOURCE[dataset], 64, 100, 3, _CIFAR_MEAN[dataset], _CIFAR_SCALE,
                               crop=32, pad=4)
+
+    def fashion_data(self) -> str:
+        """Fashion-MNIST (or any MNIST-format IDX folder): batch 64 for training, 100 for testing; TRAIN pads 2
+        pixels, crops 28x28 at random and flips (clothes stay clothes when mirrored). TEST states crop_size 28, the
+        whole image, so that tools building the net without the data (calflop, deploy nets) know its input size."""
+        x = self.slim_data(pb.SlimDataParameter.IDX, FASHION_MNIST_SOURCE, 64, 100, 1, (_FASHION_MEAN,),
+                           _FASHION_SCALE, crop=28, pad=2)
+        for layer in self.net.layer:
+            if layer.type == "SlimData" and layer.include[0].phase == pb.TEST:
+                layer.transform_param.crop_size = 28
+        return x
 
     def imagenet_data(self, train_batch: int = 32, test_batch: int = 50) -> str:
         """ILSVRC-2012 from LMDB, as in Caffe's ImageNet examples: 224x224 crops (random + flip in TRAIN)."""
@@ -310,6 +327,26 @@ def vgg16_imagenet(num_classes: int = 1000) -> pb.NetParameter:
     return b.net
 
 
+#: The Fashion-MNIST VGG's convolution widths: 28x28 -> 14x14 -> 7x7, two 3x3 convolutions per stage.
+VGG7_FASHION_CFG: List[Union[int, str]] = [16, 16, "M", 32, 32, "M", 64, 64]
+
+
+def vgg_fashion(cfg: Sequence[Union[int, str]] = tuple(VGG7_FASHION_CFG), num_classes: int = 10) -> pb.NetParameter:
+    """A VGG-style net with BatchNorm for 28x28 grey Fashion-MNIST, sized to train on a 2-core CPU.
+
+    Network slimming's VGG recipe (Liu et al. 2017) at small scale: 3x3 convolutions with BatchNorm + Scale (factors
+    starting at 0.5, as the paper's code) in three stages of 16, 32 and 64 channels separated by 2x2 max poolings,
+    then global average pooling and one InnerProduct. 7.3M conv+FC multiply-accumulates per image (`slim calflop`).
+    """
+    b = _Builder(f"VGG{sum(1 for v in cfg if v != 'M') + 1}_FashionMNIST")
+    x = b.fashion_data()
+    x = _vgg_features(b, x, cfg, batch_norm=True, gamma=0.5, final_pool=False)
+    x = b.pool("pool", x, pb.PoolingParameter.AVE, global_pool=True)
+    x = b.fc("fc", x, num_classes)
+    b.loss(x)
+    return b.net
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # ResNet for CIFAR
 # ---------------------------------------------------------------------------------------------------------------
@@ -336,10 +373,23 @@ def resnet_cifar(depth: int = 20, num_classes: int = 10) -> pb.NetParameter:
     """
     if depth < 8 or (depth - 2) % 6:
         raise NetError(f"A CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110, ...); got {depth}.")
-    blocks = (depth - 2) // 6
     dataset = {10: pb.SlimDataParameter.CIFAR10, 100: pb.SlimDataParameter.CIFAR100}[num_classes]
     b = _Builder(f"ResNet{depth}_CIFAR{num_classes}")
-    x = b.cifar_data(dataset)
+    return _resnet_basic(b, b.cifar_data(dataset), depth, num_classes)
+
+
+def resnet_fashion(depth: int = 20, num_classes: int = 10) -> pb.NetParameter:
+    """He et al.'s CIFAR ResNet-(6n+2) (see `resnet_cifar`) on 28x28 grey Fashion-MNIST: stages at 28x28, 14x14 and
+    7x7 (the option-A subsampling rounds down, as the strided convolutions do)."""
+    if depth < 8 or (depth - 2) % 6:
+        raise NetError(f"A CIFAR-style ResNet has depth 6n+2 (8, 14, 20, ...); got {depth}.")
+    b = _Builder(f"ResNet{depth}_FashionMNIST")
+    return _resnet_basic(b, b.fashion_data(), depth, num_classes)
+
+
+def _resnet_basic(b: _Builder, x: str, depth: int, num_classes: int) -> pb.NetParameter:
+    """The body of `resnet_cifar` after its data layer: conv1, three stages of basic blocks, pooling, classifier."""
+    blocks = (depth - 2) // 6
     x = b.conv("conv1", x, 16, 3)
     x = b.bn("conv1/bn", "conv1/scale", x)
     x = b.relu("conv1/relu", x)
@@ -646,6 +696,11 @@ _register("mobilenet_v1_imagenet", mobilenet_v1, "MobileNet v1 (width 1.0) for I
           "arXiv:1704.04861, 2017")
 _register("mobilenet_v2_imagenet", mobilenet_v2, "MobileNet v2 (width 1.0) for ImageNet (ILSVRC-2012)",
           'Sandler et al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks", CVPR 2018')
+_register("vgg7_fashion", vgg_fashion, "VGG-7 with BatchNorm (conv 16-16-32-32-64-64, FC) for Fashion-MNIST",
+          _LIU + ' (its VGG recipe at small scale); Xiao et al., "Fashion-MNIST", arXiv:1708.07747')
+_register("resnet20_fashion", resnet_fashion,
+          "ResNet-20 (basic blocks, parameter-free option-A shortcuts) for Fashion-MNIST", _HE + " (section 4.2)",
+          depth=20)
 _register("demo_digits", demo_digits, "The demo net: a small VGG-style net with BatchNorm for the built-in 8x8 "
           "digits", "network slimming's VGG recipe (Liu et al., ICCV 2017) at toy scale")
 

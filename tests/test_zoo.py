@@ -30,8 +30,8 @@ def _fc(cin, cout):
     return cin * cout + cout
 
 
-def vgg_cifar_reference(cfg, classes):
-    total, c = 0, 3
+def vgg_cifar_reference(cfg, classes, channels=3):
+    total, c = 0, channels
     for v in cfg:
         if v != "M":
             total += _conv(c, v, 3) + _bn(v)
@@ -39,10 +39,10 @@ def vgg_cifar_reference(cfg, classes):
     return total + _fc(c, classes)
 
 
-def resnet_cifar_reference(depth, classes=10):
+def resnet_cifar_reference(depth, classes=10, channels=3):
     # Option-A shortcuts have no parameters: only the convolutions, their BatchNorms and the classifier.
     n = (depth - 2) // 6
-    total, c = _conv(3, 16, 3) + _bn(16), 16
+    total, c = _conv(channels, 16, 3) + _bn(16), 16
     for w in (16, 32, 64):
         for _ in range(n):
             total += _conv(c, w, 3) + _bn(w) + _conv(w, w, 3) + _bn(w)
@@ -89,6 +89,8 @@ EXPECTED = {
     "resnet18_imagenet": (11_689_512, None),
     "mobilenet_v1_imagenet": (4_231_976, None),
     "mobilenet_v2_imagenet": (3_504_872, None),
+    "vgg7_fashion": (vgg_cifar_reference([16, 16, "M", 32, 32, "M", 64, 64], 10, channels=1), None),
+    "resnet20_fashion": (resnet_cifar_reference(20, channels=1), None),
     "demo_digits": (_conv(1, 32, 3) + _conv(32, 32, 3) + _conv(32, 64, 3) + _conv(64, 64, 3) + _conv(64, 128, 3)
                     + _bn(32 + 32 + 64 + 64 + 128) + _fc(128, 10), None),
 }
@@ -277,3 +279,26 @@ def test_tiny_forward_through_slim_net():
     inp, shortcut = out["res2_3"], out["res3_1/shortcut"]
     expected = torch.cat([inp[:, :, ::2, ::2], torch.zeros_like(inp[:, :, ::2, ::2])], dim=1)
     assert torch.equal(shortcut, expected)
+
+
+def test_fashion_recipe():
+    """Fashion-MNIST nets read the Debian package's IDX folder; the TEST layer states the whole 28x28 image as its
+    crop, so the net's shapes are known without the data; TRAIN shifts (pad 2, random crop) and flips."""
+    from slim.data import sample_shape
+
+    for name in ("vgg7_fashion", "resnet20_fashion"):
+        train, test = (l for l in ZOO[name]().layer if l.type == "SlimData")
+        for layer in (train, test):
+            p = layer.slim_data_param
+            assert p.dataset == pb.SlimDataParameter.IDX and p.source == "/usr/share/datasets/fashion-mnist"
+            assert layer.transform_param.crop_size == 28 and list(layer.transform_param.mean_value) == [73]
+        assert train.slim_data_param.train and not test.slim_data_param.train and not test.slim_data_param.shuffle
+        assert (train.transform_param.pad, train.transform_param.mirror) == (2, True)
+        assert not (test.transform_param.pad or test.transform_param.mirror)
+        absent = pb.LayerParameter()
+        absent.CopyFrom(test)
+        absent.slim_data_param.source = "/nonexistent/fashion-mnist"
+        assert sample_shape(absent) == (1, 28, 28)
+    graph = build_graph(ZOO["resnet20_fashion"](), phase="TEST")
+    assert graph.layer("res3_1/shortcut").top_shapes == graph.layer("res3_1/conv2").top_shapes == [(100, 32, 14, 14)]
+    assert graph.layer("res4_1/shortcut").top_shapes == [(100, 64, 7, 7)]

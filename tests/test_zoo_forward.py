@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from slim.net import Net
+from slim.zoo import ZOO
 
 NETS = Path(__file__).resolve().parents[1] / "nets"
 DEPLOY = sorted(p.name for p in NETS.glob("*_deploy.prototxt"))
 
 
 def test_the_zoo_has_deploy_nets():
-    assert len(DEPLOY) == 17
+    assert len(DEPLOY) == len(ZOO) == 19  # one deploy net per zoo net
 
 
 @pytest.mark.parametrize("name", DEPLOY)
