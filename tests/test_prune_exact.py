@@ -154,19 +154,19 @@ CASES = {"residual": RESIDUAL, "concat_slice": CONCAT_SLICE, "grouped": GROUPED,
 @pytest.mark.parametrize("criterion", ["slimming", "l1"])
 def test_adversarial_nets_equal_their_masked_original(name, criterion):
     net = parse_net(CASES[name], name)
-    assert_exact(net, PrunePolicy(percent=0.5, criterion=criterion))
+    assert_exact(net, PrunePolicy(min_channels=1, percent=0.5, criterion=criterion))
 
 
 @pytest.mark.parametrize("tie_rule", ["max", "mean", "sum"])
 def test_tie_rules_stay_exact(tie_rule):
-    assert_exact(parse_net(SHORTCUT_A), PrunePolicy(percent=0.6, tie_rule=tie_rule))
+    assert_exact(parse_net(SHORTCUT_A), PrunePolicy(min_channels=1, percent=0.6, tie_rule=tie_rule))
 
 
 def test_spec_masking_gamma_and_beta_zeroed_equals_pruned_vgg_style_chain():
     # The issue's wording: the original with the removed channels' gamma AND beta set to zero, nothing else.
     net = parse_net(inp() + cbr("conv1", "data", 8) + cbr("conv2", "conv1", 8) + ip("fc", "conv2", 4))
     blobs = random_blobs(net, 3)
-    result = prune_net(net, blobs, PrunePolicy(percent=0.5))
+    result = prune_net(net, blobs, PrunePolicy(min_channels=1, percent=0.5))
     spec = {k: [np.array(a) for a in v] for k, v in blobs.items()}
     for group in result.analysis.groups:
         for gs in group.slots:
@@ -181,7 +181,7 @@ def test_spec_masking_gamma_and_beta_zeroed_equals_pruned_vgg_style_chain():
 
 def test_sigmoid_constant_is_folded_into_the_next_bias():
     net = parse_net(SIGMOID)
-    result = assert_exact(net, PrunePolicy(percent=0.5, criterion="l1"))
+    result = assert_exact(net, PrunePolicy(min_channels=1, percent=0.5, criterion="l1"))
     # conv1's channels reach a 1x1 convolution through a Sigmoid: removable, their 0.5 folded into conv2's bias.
     assert result.report.folded > 0 and result.report.dropped == 0
     # conv2's channels reach a padded 3x3 convolution through a Sigmoid: pinned, so conv2 keeps all 5.
@@ -194,7 +194,7 @@ def test_absorb_bias_folds_beta_through_relu_exactly():
     net = parse_net(inp() + cbr("conv1", "data", 8) + cbr("conv2", "conv1", 6, k=1, pad=0) + """
 layer { name: "gap" type: "Pooling" bottom: "conv2" top: "gap" pooling_param { pool: AVE global_pooling: true } }
 """ + ip("fc", "gap", 4))
-    result = assert_exact(net, PrunePolicy(percent=0.5), absorb=True)
+    result = assert_exact(net, PrunePolicy(min_channels=1, percent=0.5), absorb=True)
     assert result.report.folded > 0 and result.report.dropped == 0
     assert result.absorb_bias
     ref = result.masked_original()
@@ -206,7 +206,7 @@ layer { name: "gap" type: "Pooling" bottom: "conv2" top: "gap" pooling_param { p
 
 def test_absorb_bias_gives_a_bias_to_a_bias_free_reader():
     net = parse_net(inp() + cbr("conv1", "data", 8) + conv("conv2", "conv1", 6, k=1, pad=0) + ip("fc", "conv2", 4))
-    result = assert_exact(net, PrunePolicy(percent=0.5, protect=("conv2",)), absorb=True)
+    result = assert_exact(net, PrunePolicy(min_channels=1, percent=0.5, protect=("conv2",)), absorb=True)
     assert result.report.biased == ["conv2"]
     layer = next(l for l in result.net.layer if l.name == "conv2")
     assert layer.convolution_param.bias_term
@@ -215,7 +215,7 @@ def test_absorb_bias_gives_a_bias_to_a_bias_free_reader():
 def test_absorb_bias_drops_what_padding_makes_inexact():
     net = parse_net(inp() + cbr("conv1", "data", 8) + cbr("conv2", "conv1", 6) + ip("fc", "conv2", 4))
     blobs = random_blobs(net)
-    result = prune_net(net, blobs, PrunePolicy(percent=0.5, protect=("conv2",)), absorb_bias=True)
+    result = prune_net(net, blobs, PrunePolicy(min_channels=1, percent=0.5, protect=("conv2",)), absorb_bias=True)
     assert result.report.dropped > 0          # conv2 pads: beta's contribution cannot be folded exactly
 
 
@@ -246,7 +246,7 @@ def _zoo_deploy_nets():
 def test_every_zoo_net_equals_its_masked_original(path):
     net = _small(path, 64 if "vgg" not in path.stem else 32)
     has_scale = any(l.type == "Scale" for l in net.layer)
-    assert_exact(net, PrunePolicy(percent=0.5, criterion="slimming" if has_scale else "l1"), batch=1)
+    assert_exact(net, PrunePolicy(min_channels=1, percent=0.5, criterion="slimming" if has_scale else "l1"), batch=1)
 
 
 def test_real_caffe_sigmoid_net_is_pruned_exactly_with_its_constants_folded():
@@ -254,7 +254,7 @@ def test_real_caffe_sigmoid_net_is_pruned_exactly_with_its_constants_folded():
     if not path.exists():
         pytest.skip(f"{path} is absent (the shared Caffe test nets are not beside this checkout)")
     net = make_deploy(read_net(path), input_shapes={"data": (3, 32, 32)})
-    result = assert_exact(net, PrunePolicy(percent=0.5, criterion="l1"))
+    result = assert_exact(net, PrunePolicy(min_channels=1, percent=0.5, criterion="l1"))
     # Only conv3 may lose channels (conv1 and conv2 feed padded convolutions through a Sigmoid); the Sigmoid of a
     # silenced conv3 channel, averaged by pool3, reaches ip1 as a constant that goes into ip1's bias.
     after = {c.name: c.after for c in result.report.layers}
@@ -279,10 +279,10 @@ def test_streamed_caffemodel_is_byte_identical_to_the_materialised_blobs(name, a
     net = parse_net(STREAM_CASES[name], name)
     blobs = random_blobs(net, 5)
     criterion = "l1" if name == "sigmoid" else "slimming"
-    streamed = prune_net(net, blobs, PrunePolicy(percent=0.5, criterion=criterion), absorb_bias=absorb)
+    streamed = prune_net(net, blobs, PrunePolicy(min_channels=1, percent=0.5, criterion=criterion), absorb_bias=absorb)
     paths = write_pruned(streamed, tmp_path / "s")
     assert not streamed.blobs._read, "writing must not have computed and kept the pruned blobs"
-    whole = prune_net(net, blobs, PrunePolicy(percent=0.5, criterion=criterion), absorb_bias=absorb)
+    whole = prune_net(net, blobs, PrunePolicy(min_channels=1, percent=0.5, criterion=criterion), absorb_bias=absorb)
     write_caffemodel(tmp_path / "m.caffemodel", whole.net, dict(whole.blobs.items()))
     assert paths["caffemodel"].read_bytes() == (tmp_path / "m.caffemodel").read_bytes()
     model = read_caffemodel(paths["caffemodel"])
@@ -298,7 +298,7 @@ def test_pruned_blobs_reads_as_a_dict_and_keeps_changes(tmp_path):
     from slim.prune import PrunedBlobs, write_pruned
 
     net = parse_net(RESIDUAL)
-    result = prune_net(net, random_blobs(net), PrunePolicy(percent=0.5))
+    result = prune_net(net, random_blobs(net), PrunePolicy(min_channels=1, percent=0.5))
     blobs = result.blobs
     assert isinstance(blobs, PrunedBlobs)
     assert "conv3" in blobs and "nope" not in blobs and not blobs._read   # membership computes nothing
@@ -329,7 +329,7 @@ def test_streamed_transplant_from_a_mapped_caffemodel_with_unaligned_blobs(tmp_p
     write_caffemodel(tmp_path / "w.caffemodel", net, blobs)
     mapped = read_caffemodel(tmp_path / "w.caffemodel")
     assert not all(b.flags.aligned for layer in mapped.layers for b in layer.blobs)
-    policy = PrunePolicy(percent=0.5)
+    policy = PrunePolicy(min_channels=1, percent=0.5)
     write_pruned(prune_net(net, mapped, policy), tmp_path / "from_file")
     write_pruned(prune_net(net, blobs, policy), tmp_path / "from_memory")
     assert (tmp_path / "from_file.caffemodel").read_bytes() == (tmp_path / "from_memory.caffemodel").read_bytes()

@@ -77,12 +77,15 @@ def test_ties_are_broken_by_group_then_index_and_plans_repeat():
     net = parse_net(CHAIN)
     gammas = {"c1/scale": np.full(10, 0.5), "c2/scale": np.full(20, 0.5), "c3/scale": np.full(30, 0.5)}
     blobs = synthetic_blobs(net, gammas=gammas)
-    first = prune_net(net, blobs, PrunePolicy(percent=0.5))
+    with pytest.raises(PruneError, match=r"--percent 0.5 would leave 2 layers .* with a single channel \(c1 10 -> 1, "
+                                         r"c2 20 -> 1\).*give --min-channels 1 to accept it"):
+        prune_net(net, blobs, PrunePolicy(percent=0.5))
+    first = prune_net(net, blobs, PrunePolicy(percent=0.5, min_channels=1))
     # 30 to remove: c1 may lose 9 (one stays), then c2's first 19 are next in order, then c3's first 2.
     assert kept(first)["c1"] == [9]
     assert kept(first)["c2"] == [19]
     assert kept(first)["c3"] == list(range(2, 30))
-    again = prune_net(net, blobs, PrunePolicy(percent=0.5))
+    again = prune_net(net, blobs, PrunePolicy(percent=0.5, min_channels=1))
     assert kept(again) == kept(first)
 
 
@@ -96,7 +99,7 @@ def test_ties_are_broken_by_group_then_index_and_plans_repeat():
                                                          for n, w in (("c1", 10), ("c2", 20), ("c3", 30)))),
     (PrunePolicy(percent=0.5, scope="layer"), lambda k: (len(k["c1"]), len(k["c2"]), len(k["c3"])) == (5, 10, 15)),
     (PrunePolicy(layer_percent={"c2": 0.25}), lambda k: (len(k["c1"]), len(k["c2"]), len(k["c3"])) == (10, 15, 30)),
-    (PrunePolicy(percent=0.99), lambda k: all(len(v) >= 1 for v in k.values())),
+    (PrunePolicy(percent=0.99, min_channels=1), lambda k: all(len(v) >= 1 for v in k.values())),
 ])
 def test_constraints(policy, check):
     net = parse_net(CHAIN)
@@ -129,7 +132,8 @@ TIED_GAMMAS = {"a/scale": [0.1, 0.2, 0.9, 0.95], "b/scale": [0.15, 0.85, 0.3, 0.
 ])
 def test_tie_rules(rule, tied_kept, s_kept):
     net = parse_net(TIED)
-    result = prune_net(net, synthetic_blobs(net, gammas=TIED_GAMMAS), PrunePolicy(percent=0.5, tie_rule=rule))
+    result = prune_net(net, synthetic_blobs(net, gammas=TIED_GAMMAS), PrunePolicy(percent=0.5, tie_rule=rule,
+                                                                                  min_channels=1))
     assert kept(result)["a"] == tied_kept == kept(result)["b"]
     assert kept(result)["s"] == s_kept
 
@@ -168,6 +172,41 @@ def test_criteria_score_by_hand():
     slim = channel_scores(analysis, blobs, "slimming").score[c2]
     np.testing.assert_allclose(slim, np.abs(blobs["c2/scale"][0]))
     assert {"slimming", "l1", "l2"} <= set(criteria())
+
+
+def test_dead_filters_take_no_part_in_a_layers_scale():
+    # The first hour of a real user: l1's per-layer mean counted zero filters, so a layer with many ranked its live
+    # filters far above every other layer's and a global 60% cut ten layers of VGG-16 to one channel.
+    net = parse_net(inp() + cbs("c1", "data", 8) + cbs("c2", "c1", 8) + fc("fc", "c2", 4))
+    blobs = synthetic_blobs(net)
+    pattern = np.arange(1, 9, dtype=np.float32).reshape(8, 1, 1, 1)
+    blobs["c1"][0] = np.ones((8, 3, 3, 3), np.float32) * pattern
+    blobs["c2"][0] = np.ones((8, 8, 3, 3), np.float32) * pattern * 3 / 8      # the same norms as c1
+    blobs["c2"][0][[0, 2, 4]] = 0                                             # three dead filters
+    blobs["c2"][0][6] *= 1e-3                                                 # and a nearly dead one
+    analysis = analyze(build_graph(net))
+    c1, c2 = analysis.blob_channels["c1"], analysis.blob_channels["c2"]
+    live = np.array([1, 3, 5, 7])
+    for how in ("mean", "max"):
+        score = channel_scores(analysis, blobs, "l1", normalize=how).score
+        # c2's live filters score as c1's would over the same filters: the dead ones do not inflate them.
+        reference = np.arange(1, 9)[live] / (np.arange(1, 9)[live].mean() if how == "mean" else 8)
+        np.testing.assert_allclose(score[c2][live], reference, rtol=1e-6)
+        assert (score[c2][[0, 2, 4, 6]] < 0.01).all()
+    result = prune_net(net, blobs, PrunePolicy(percent=0.5, criterion="l1"))
+    assert kept(result) == {"c1": [3, 4, 5, 6, 7], "c2": [3, 5, 7], "fc": [0, 1, 2, 3]}   # the dead go first
+
+
+def test_the_guard_lets_a_limit_or_an_explicit_floor_through():
+    net = parse_net(CHAIN)
+    blobs = synthetic_blobs(net, gammas={"c1/scale": np.full(10, 1e-3), "c2/scale": np.full(20, 0.5),
+                                         "c3/scale": np.full(30, 0.6)})
+    with pytest.raises(PruneError, match=r"single channel \(c1 10 -> 1\)"):
+        prune_net(net, blobs, PrunePolicy(percent=0.2))
+    assert len(kept(prune_net(net, blobs, PrunePolicy(percent=0.2, min_channels=1)))["c1"]) == 1
+    assert len(kept(prune_net(net, blobs, PrunePolicy(percent=0.2, min_channels=2)))["c1"]) == 2
+    assert len(kept(prune_net(net, blobs, PrunePolicy(percent=0.2, max_prune=0.8)))["c1"]) == 2
+    assert len(kept(prune_net(net, blobs, PrunePolicy(layer_percent={"c1": 0.9})))["c1"]) == 1   # asked per layer
 
 
 def _resnet56():
@@ -283,11 +322,13 @@ def test_filter_norms_are_normalised_per_layer_before_a_global_ranking():
     default = prune_net(net, blobs, PrunePolicy(percent=0.5, criterion="l1"))
     assert kept(default) == {"c1": [4, 5, 6, 7], "c2": [4, 5, 6, 7], "fc": [0, 1, 2, 3]}
     assert default.report.policy["normalize"] == "mean"
-    unscaled = prune_net(net, blobs, PrunePolicy(percent=0.5, criterion="l1", normalize="none"))
+    with pytest.raises(PruneError, match=r"single channel \(c1 8 -> 1\)"):
+        prune_net(net, blobs, PrunePolicy(percent=0.5, criterion="l1", normalize="none"))
+    unscaled = prune_net(net, blobs, PrunePolicy(percent=0.5, criterion="l1", normalize="none", min_channels=1))
     assert kept(unscaled) == {"c1": [7], "c2": [1, 2, 3, 4, 5, 6, 7], "fc": [0, 1, 2, 3]}  # c1: min_channels
     # slimming's gammas are comparable across layers after BatchNorm: not normalised unless asked.
     assert PrunePolicy(percent=0.5).normalizer == "none"
-    assert prune_net(net, blobs, PrunePolicy(percent=0.5)).report.policy["normalize"] == "none"
+    assert prune_net(net, blobs, PrunePolicy(percent=0.5, min_channels=1)).report.policy["normalize"] == "none"
     with pytest.raises(PruneError, match="--normalize must be one of none, mean, max; got 'median'"):
         PrunePolicy(percent=0.5, normalize="median").check()
     with pytest.raises(PruneError, match="Unknown normaliser 'median'"):

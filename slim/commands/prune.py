@@ -25,8 +25,10 @@ def parse_count(text: str, flag: str = "--target-macs") -> float:
     return float(m.group(1)) * _SUFFIX[m.group(2).upper()]
 
 
-def _min_channels(text: str):
-    """--min-channels N (a count) or P% (a percentage of each group)."""
+def _min_channels(text):
+    """--min-channels N (a count) or P% (a percentage of each group); None when not given (PrunePolicy's guard)."""
+    if text is None:
+        return None, 0.0
     text = text.strip()
     try:
         if text.endswith("%"):
@@ -49,6 +51,18 @@ def _layer_percent(items):
     return out
 
 
+def _device(text: str) -> str:
+    """--device cpu|cuda|cuda:N|gpu, checked against this torch build."""
+    import torch
+
+    name = "cuda" + text[3:] if text.startswith("gpu") else text
+    if name != "cpu" and not name.startswith("cuda"):
+        raise PruneError(f"--device takes cpu, cuda or cuda:N; got {text!r}.")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PruneError(f"--device {text}: this torch build sees no CUDA device; calibrate on --device cpu.")
+    return name
+
+
 def register(sub) -> None:
     p = sub.add_parser("prune", help="remove channels: rewrite the prototxt and transplant the weights",
                        description=__doc__.splitlines()[0])
@@ -65,7 +79,8 @@ def register(sub) -> None:
     goal.add_argument("--explain", action="store_true", help="print the channel groups and exit")
     how = p.add_argument_group("how")
     how.add_argument("--criterion", default="slimming",
-                     help="importance: slimming (|Scale gamma|, default), l1 or l2 (filter norms)")
+                     help="slimming (|Scale gamma|, default), l1 or l2 (filter norms), or lasso (He et al. 2017: "
+                          "LASSO selection on calibration data and least-squares reconstruction of each reader)")
     how.add_argument("--tie-rule", default="union", choices=["union", "max", "mean", "sum"],
                      help="channels tied across layers: union (default) and max rank one by its strongest member")
     how.add_argument("--normalize", choices=["none", "mean", "max"],
@@ -75,7 +90,8 @@ def register(sub) -> None:
                      help="one ranking over the net (default) or --percent within each group")
     how.add_argument("--layer-percent", action="append", default=[], metavar="LAYER=P",
                      help="prune the group of LAYER's output channels by its own fraction (repeatable)")
-    how.add_argument("--min-channels", default="1", help="keep at least N channels (or P%%) per layer; default 1")
+    how.add_argument("--min-channels", help="keep at least N channels (or P%%) per layer; default 1, and a global "
+                                            "cut that would leave a layer with one channel is refused unless given")
     how.add_argument("--max-prune-per-layer", type=float, default=1.0, metavar="F",
                      help="remove at most this fraction of any layer in one pass (the paper's multi-pass: 0.5)")
     how.add_argument("--round-to", type=int, default=1, metavar="N",
@@ -84,6 +100,18 @@ def register(sub) -> None:
                      help="layers whose output channels are never removed")
     how.add_argument("--absorb-bias", action="store_true",
                      help="fold each removed channel's constant output into the next layer's bias where exact")
+    cal = p.add_argument_group("calibration (--criterion lasso)")
+    cal.add_argument("--calib-images", type=int, default=5000, metavar="N",
+                     help="calibration images read from the net's TRAIN-phase data layer (default 5000, as the paper)")
+    cal.add_argument("--samples-per-image", type=int, default=10, metavar="K",
+                     help="output positions sampled per image at each convolution (default 10)")
+    cal.add_argument("--calib-net", metavar="NET",
+                     help="a train/val prototxt whose TRAIN-phase data layer supplies the images (needed for a deploy "
+                          "net, which has no data layer)")
+    cal.add_argument("--calib-seed", type=int, default=0, help="seed of the image order, transforms and positions")
+    cal.add_argument("--rank-tol", type=float, metavar="T",
+                     help="keep any count in [c', c'(1+T)] as the released code did (0.1); default: exactly c'")
+    cal.add_argument("--device", default="cpu", help="where the calibration runs: cpu (default), cuda or cuda:N")
     p.add_argument("--report", metavar="PATH", help="where to write the JSON report (default OUT.json)")
     p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"], help="NetState phase analysed")
     p.add_argument("--allow-unknown-fields", action="store_true",
@@ -126,8 +154,15 @@ def run(args) -> int:
                              normalize=args.normalize, min_channels=count, min_fraction=fraction,
                              max_prune=args.max_prune_per_layer, round_to=args.round_to, protect=tuple(args.protect))
         policy.check()
+    calibration = None
+    if policy is not None and policy.criterion == "lasso":
+        from slim.prune.calibrate import Calibration
+        calibration = Calibration(images=args.calib_images, samples_per_image=args.samples_per_image,
+                                  seed=args.calib_seed, net=args.calib_net, rank_tol=args.rank_tol,
+                                  device=_device(args.device))
+        calibration.check()
     result = prune_net(args.model, args.weights, policy, absorb_bias=args.absorb_bias, replay=replay,
-                       phase=args.phase, allow_unknown_fields=args.allow_unknown_fields)
+                       phase=args.phase, allow_unknown_fields=args.allow_unknown_fields, calibration=calibration)
     paths = write_pruned(result, args.output, args.report)
     print(result.report)
     print(f"wrote {paths['prototxt']}, {paths['caffemodel']} and {paths['report']}")

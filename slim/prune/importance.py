@@ -11,7 +11,9 @@ array of length ``group.size`` per *member* that has an opinion (a Scale layer f
 Before ranking, each member's scores may be normalised by their own mean (``--normalize mean``): filter norms grow
 with a layer's fan-in, so one global ranking of raw L1 norms would empty the layers with few inputs per filter;
 normalised, a global percent removes the relatively weakest filters of every layer (Torch-Pruning's global pruning
-normalises the same way). Scale gammas after BatchNorm are comparable across layers as they are, which is what the
+normalises the same way). The scale is taken over the comparable filters only: a dead filter (zero, or weaker than
+1% of the layer's strongest) is left out of the mean, or a layer with many of them would rank its live filters far
+above every other layer's and the global cut would empty the others. Scale gammas after BatchNorm are comparable across layers as they are, which is what the
 paper's global threshold relies on, so ``slimming`` is not normalised by default.
 
 ``channel_scores`` combines the members of every group into one score per channel by a tie rule (a channel of a
@@ -51,14 +53,21 @@ def default_normalizer(criterion_name: str) -> str:
     return "none" if criterion_name == "slimming" else "mean"
 
 
+#: A score below this fraction of its member's largest is dead: it takes no part in the member's scale.
+DEAD = 0.01
+
+
 def _normalized(values: np.ndarray, how: str) -> np.ndarray:
-    """One member's scores divided by their mean or maximum (NaN where it has no opinion; left as they are when
-    that is 0, as for a layer whose filters are all zero)."""
+    """One member's scores divided by the mean or maximum of its live scores (NaN where it has no opinion; left as
+    they are when that is 0, as for a layer whose filters are all zero)."""
     if how == "none":
         return values
     finite = values[~np.isnan(values)]
-    d = float(finite.mean() if how == "mean" else finite.max()) if len(finite) else 0.0
-    return values / d if d > 0 else values
+    if not len(finite) or not finite.max() > 0:
+        return values
+    live = finite[finite >= DEAD * finite.max()]
+    d = float(live.mean() if how == "mean" else live.max())
+    return values / d
 
 
 def register_criterion(name: str):
@@ -134,6 +143,14 @@ def l2(group: ChannelGroup, blobs) -> List[np.ndarray]:
     """The L2 norm of each producing filter."""
     return [_per_channel(gs, group.size, _norm(gs, blobs, 2)) for gs in group.slots
             if gs.slot.side == "output" and gs.slot.blob == 0]
+
+
+@register_criterion("lasso")
+def lasso(group: ChannelGroup, blobs) -> List[np.ndarray]:
+    """LASSO selection with least-squares reconstruction (He et al. 2017) chooses channels from calibration data,
+    not from the blobs alone: prune_net runs it (slim.prune.reconstruct); it has no score to give here."""
+    raise PruneError("Criterion 'lasso' chooses channels from calibration data, not from scores: call "
+                     "slim.prune.prune_net(..., PrunePolicy(criterion='lasso'), calibration=Calibration(...)).")
 
 
 @dataclasses.dataclass

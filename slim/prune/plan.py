@@ -14,7 +14,9 @@ Policies (one of them per pruning):
   shapes inferred at each step).
 
 Constraints, applied to every group: ``min_channels`` (an absolute count, default 1, so no layer is ever emptied)
-and ``min_fraction`` keep at least that many; ``max_prune`` removes at most that fraction in one pass (the paper's
+and ``min_fraction`` keep at least that many. A layer left with one channel by a global ranking has all but lost
+its layer, which is rarely what was meant: unless a limit was given (``min_channels``, ``min_fraction`` or
+``max_prune``; ``--min-channels 1`` accepts it), such a plan is refused with the layers it would reduce to one; ``max_prune`` removes at most that fraction in one pass (the paper's
 multi-pass schedule used 0.5); ``round_to`` rounds each group's kept count up to a multiple (8 for tensor cores; it
 adds back the best removed channels, so the removed count may end below the request); ``protect`` pins layers. A
 blob never loses all its channels (a Slice top covering only removed channels gets its best channel back). The
@@ -52,7 +54,8 @@ class PrunePolicy:
         tie_rule: how a tied channel's members combine: union (default), max, mean, sum.
         normalize: how each layer's scores are scaled before one global ranking: none, mean or max; None picks the
             criterion's default (none for slimming, mean for filter norms: slim.prune.importance).
-        min_channels: channels every group keeps at least.
+        min_channels: channels every group keeps at least; None: 1, and a global ranking may not leave a group with
+            one channel unless another limit was given (the guard, see the module docstring).
         min_fraction: fraction of its channels every group keeps at least.
         max_prune: fraction of its channels a group may lose at most.
         round_to: round each group's kept count up to a multiple of this.
@@ -67,7 +70,7 @@ class PrunePolicy:
     criterion: str = "slimming"
     tie_rule: str = "union"
     normalize: Optional[str] = None
-    min_channels: int = 1
+    min_channels: Optional[int] = None
     min_fraction: float = 0.0
     max_prune: float = 1.0
     round_to: int = 1
@@ -100,7 +103,7 @@ class PrunePolicy:
             raise PruneError(f"--tie-rule must be one of {', '.join(TIE_RULES)}; got {self.tie_rule!r}.")
         if self.normalize is not None and self.normalize not in NORMALIZERS:
             raise PruneError(f"--normalize must be one of {', '.join(NORMALIZERS)}; got {self.normalize!r}.")
-        if self.min_channels < 1:
+        if self.min_channels is not None and self.min_channels < 1:
             raise PruneError(f"--min-channels must keep at least 1 channel per layer; got {self.min_channels}.")
         if not 0 <= self.min_fraction <= 1:
             raise PruneError(f"--min-channels as a percentage must lie in [0%, 100%]; got {self.min_fraction:.0%}.")
@@ -108,6 +111,25 @@ class PrunePolicy:
             raise PruneError(f"--max-prune-per-layer must be a fraction in (0, 1]; got {self.max_prune}.")
         if self.round_to < 1:
             raise PruneError(f"--round-to must be a positive channel multiple; got {self.round_to}.")
+
+    @property
+    def floor(self) -> int:
+        """The channels every group keeps at least (``min_channels``, 1 when not given)."""
+        return 1 if self.min_channels is None else self.min_channels
+
+    @property
+    def guarded(self) -> bool:
+        """Whether a global ranking must not leave a group with one channel (no limit was given)."""
+        return self.min_channels is None and self.min_fraction == 0 and self.max_prune == 1
+
+    @property
+    def goal(self) -> str:
+        """The request as its flags (for messages)."""
+        if self.target_macs is not None:
+            return f"--target-macs {self.target_macs:,.0f}"
+        if self.speedup is not None:
+            return f"--speedup {self.speedup:g}"
+        return f"--percent {self.percent:g}" if self.percent is not None else "--layer-percent"
 
     @property
     def normalizer(self) -> str:
@@ -157,7 +179,7 @@ def _group_limits(analysis: ChannelAnalysis, policy: PrunePolicy) -> np.ndarray:
     out = np.zeros(len(analysis.groups), np.int64)
     for g in analysis.groups:
         n = g.size
-        floor_keep = min(n, max(policy.min_channels, math.ceil(policy.min_fraction * n - 1e-9)))
+        floor_keep = min(n, max(policy.floor, math.ceil(policy.min_fraction * n - 1e-9)))
         out[g.index] = min(n - floor_keep, math.floor(policy.max_prune * n + 1e-9))
     return out
 
@@ -268,7 +290,24 @@ def make_plan(analysis: ChannelAnalysis, scores: ChannelScores, policy: PrunePol
         cut = _cut(score, rest, eligible[:k])
 
     keep = _finish(analysis, ~remove, score, policy.round_to)
+    if policy.guarded:
+        _guard(analysis, keep, set(own), policy)
     return PrunePlan(keep, prunable, requested, macs, cut)
+
+
+def _guard(analysis: ChannelAnalysis, keep: np.ndarray, own: set, policy: PrunePolicy) -> None:
+    """Refuse a global plan that leaves a group of several channels with one (see the module docstring)."""
+    cut = [g for g in analysis.groups if g.index not in own and g.prunable and g.size > 1
+           and int(keep[g.channels].sum()) == 1]
+    if not cut:
+        return
+    names = [f"{' + '.join(g.producers[:2]) or f'group {g.index}'}{' + ...' if len(g.producers) > 2 else ''} "
+             f"{g.size} -> 1" for g in cut]
+    shown = ", ".join(names[:6]) + (f", ... {len(names) - 6} more" if len(names) > 6 else "")
+    raise PruneError(f"{policy.goal} would leave {len(cut)} layer{'s' if len(cut) != 1 else ''} of "
+                     f"{analysis.graph.source} with a single channel ({shown}), which all but removes "
+                     f"{'them' if len(cut) != 1 else 'it'}. Prune less, keep more per layer with --min-channels N "
+                     f"(or P%) or --max-prune-per-layer F, or give --min-channels 1 to accept it.")
 
 
 def _cut(score: np.ndarray, ranked: np.ndarray, removed: np.ndarray) -> CutStats:
