@@ -5,6 +5,11 @@
     net.params["conv1"]          # [weight, bias] as tensors, Caffe's order and layout
     net.save("out.caffemodel")   # every layer's blobs, readable by Caffe and OpenCV
 
+The net is an ordinary module for PyTorch's tools: inputs go positionally in ``net.inputs`` order or by blob name,
+the NetOutput is a registered pytree (``torch.export.export``, ``torch.compile``, ``torch.onnx.export`` with either
+exporter flatten it; under ``torch.jit.trace`` it is a plain dict), ``net.train()``/``net.eval()`` switch the
+phase-dependent behaviour of BatchNorm and Dropout (never which layers exist), and ``print(net)`` lists the layers.
+
 Every Caffe blob is an ``nn.Parameter`` (BatchNorm's statistics too, with ``requires_grad`` off, because Caffe keeps
 them among the learnable params with lr_mult 0 and the solver's history follows that order). Shared params (ParamSpec
 names) are the same Parameter object in every layer that names them.
@@ -13,8 +18,8 @@ names) are the same Parameter object in every layer that names them.
 from __future__ import annotations
 
 import dataclasses
-import math
 import logging
+import math
 import re
 import warnings
 from collections import OrderedDict
@@ -24,10 +29,12 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import numpy as np
 import torch
 from torch import nn
+from torch.utils import _pytree
 
 from slim import proto as pb
 from slim.errors import NetError, WeightsError
 from slim.graph import LayerNode, NetGraph, build_graph, parse_phase
+from slim.layers import _lazy
 from slim.layers.data import _SourceLayer
 
 __all__ = ["Net", "NetOutput", "LearnableParam"]
@@ -52,9 +59,38 @@ class LearnableParam:
 
 class NetOutput(dict):
     """The net's output blobs by name, in Caffe's order, plus ``loss``: the weighted sum of all loss tops (a
-    0-dim tensor), or None when the net has no loss."""
+    0-dim tensor), or None when the net has no loss.
+
+    A registered pytree node: its leaves are the output tensors in order, then ``loss`` when it is set, so
+    ``torch.export``, ``torch.compile`` and the ONNX exporters see a flat list of tensors.
+    """
 
     loss: Optional[torch.Tensor] = None
+
+
+def _flatten_output(out: NetOutput):
+    values = list(out.values()) + ([out.loss] if out.loss is not None else [])
+    return values, (tuple(out.keys()), out.loss is not None)
+
+
+def _unflatten_output(values, context) -> NetOutput:
+    keys, has_loss = context
+    values = list(values)
+    out = NetOutput(zip(keys, values))
+    out.loss = values[len(keys)] if has_loss else None
+    return out
+
+
+def _flatten_output_with_keys(out: NetOutput):
+    values, context = _flatten_output(out)
+    keys = [_pytree.MappingKey(k) for k in context[0]] + ([_pytree.GetAttrKey("loss")] if context[1] else [])
+    return list(zip(keys, values)), context
+
+
+_pytree.register_pytree_node(
+    NetOutput, _flatten_output, _unflatten_output, serialized_type_name="slim.net.NetOutput",
+    to_dumpable_context=lambda c: [list(c[0]), c[1]], from_dumpable_context=lambda c: (tuple(c[0]), bool(c[1])),
+    flatten_with_keys_fn=_flatten_output_with_keys)
 
 
 def _module_key(name: str, taken: set) -> str:
@@ -99,6 +135,7 @@ class Net(nn.Module):
                  seed: Optional[int] = None, device=None, rank: int = 0, world_size: int = 1,
                  data_seed: Optional[int] = None, allow_unknown_fields: bool = False, fuse_bn: bool = True):
         super().__init__()
+        _lazy.load()  # the layers' torch proxies, resolved before any forward (torch.compile cannot trace imports)
         if isinstance(model, NetGraph):
             graph = model
         else:
@@ -133,6 +170,8 @@ class Net(nn.Module):
                 self._keys[node.name] = key
                 self.blobs[key] = _Blobs(tensors)
         self.register_buffer("_device_probe", torch.empty(0), persistent=False)
+        self.training = graph.phase == pb.TRAIN  # a net starts in the torch mode of its phase (see train())
+        self._fuse_bn = fuse_bn
         self._plan = self._make_plan(fuse_bn)
         if device is not None:
             self.to(device)
@@ -176,6 +215,19 @@ class Net(nn.Module):
     def outputs(self) -> List[str]:
         return self.graph.outputs
 
+    def batch_dynamic_shapes(self, dim=None) -> dict:
+        """``dynamic_shapes`` for ``torch.export.export`` (and ``torch.onnx.export(dynamo=True)``) that make the batch
+        axis of every input dynamic, for inputs passed positionally (forward takes ``*args``, so torch expects them
+        under "args"). torch 2.13 cannot combine dynamic shapes with inputs passed as keywords.
+
+            program = torch.export.export(net, (x,), dynamic_shapes=net.batch_dynamic_shapes())
+
+        Args:
+            dim: a ``torch.export.Dim`` for the batch axis (default: ``Dim("batch")``), shared by all inputs.
+        """
+        dim = torch.export.Dim("batch") if dim is None else dim
+        return {"args": tuple({0: dim} for _ in self.graph.inputs)}
+
     @property
     def device(self) -> torch.device:
         return self._device_probe.device
@@ -193,8 +245,23 @@ class Net(nn.Module):
                 out[node.name] = params[node.name][0]
         return out
 
+    def train(self, mode: bool = True) -> "Net":
+        """Set torch's train or eval mode, which here switches Caffe's phase-dependent layer behaviour.
+
+        A net starts in the mode of its phase (TRAIN: train, TEST: eval). In train mode BatchNorm normalises with the
+        batch statistics and updates its running sums, and Dropout drops; in eval mode BatchNorm uses the stored
+        statistics and Dropout is the identity. A BatchNorm whose prototxt sets ``use_global_stats`` keeps it, and so
+        does a layer whose own ``phase`` differs from the net's (Caffe's explicit settings win). Which layers exist (the NetState include/exclude rules) never changes:
+        that is fixed when the net is built for its phase.
+        """
+        super().train(mode)
+        if hasattr(self, "_plan"):
+            self._plan = self._make_plan(self._fuse_bn)
+        return self
+
     def _make_plan(self, fuse_bn: bool):
-        """Execution steps: (node, fused Scale node or None); a fused Scale is skipped on its own."""
+        """Execution steps: (node, its layer in the current mode, fused Scale node or None); a fused Scale is
+        skipped on its own."""
         plan, skip = [], set()
         layers = self.graph.layers
         for node in layers:
@@ -210,21 +277,27 @@ class Net(nn.Module):
                         and len(node.top_shapes[0]) >= 2):
                     fused = nxt
                     skip.add(nxt.index)
-            plan.append((node, fused))
+            # A layer given its own phase in the prototxt (Caffe's LayerParameter.phase) keeps it in either mode.
+            follows = node.layer.phase == self.graph.phase
+            plan.append((node, node.layer.for_mode(self.training) if follows else node.layer, fused))
         return plan
 
     # ----- run ---------------------------------------------------------------------------------------------
-    def forward(self, *args, return_blobs: bool = False, **inputs) -> NetOutput:
+    def forward(self, *args, **inputs) -> NetOutput:
         """Run the net.
 
         Args:
             *args: input tensors in the order of ``net.inputs`` (alternatively pass them by blob name).
-            return_blobs: also return every intermediate blob (as pycaffe's net.blobs), not only the outputs.
-            **inputs: input tensors by blob name (``net(data=x)``).
+            **inputs: input tensors by blob name (``net(data=x)``); the keyword ``return_blobs=True`` also returns
+                every intermediate blob (as pycaffe's net.blobs), not only the outputs.
 
         Returns:
             NetOutput: output blobs by name (Caffe's order); ``.loss`` is the weighted loss when the net has one.
+            Under ``torch.jit.trace`` a plain dict of the same blobs, the only mapping the tracer accepts.
         """
+        # return_blobs travels in **inputs so that the signature holds only the inputs: the legacy ONNX exporter
+        # appends every defaulted parameter of forward as a positional argument.
+        return_blobs = bool(inputs.pop("return_blobs", False))
         if args:
             if len(args) > len(self.graph.inputs):
                 raise NetError(f"{self.graph.source}: {len(args)} positional inputs given, the net has "
@@ -238,8 +311,7 @@ class Net(nn.Module):
         loss = None
         device = self._device_probe.device
         params = {name: self._layer_blobs(name) for name in self._keys}
-        for node, fused in self._plan:
-            layer = node.layer
+        for node, layer, fused in self._plan:
             if node.type == "Input":
                 tops = []
                 for t, shape in zip(node.tops, node.top_shapes):
@@ -257,27 +329,30 @@ class Net(nn.Module):
                 layer.device = device
                 tops = layer.forward([], [])
             else:
-                node, tops = self._step(node, fused, params, values)
+                node, tops = self._step(node, layer, fused, params, values)
             for t, v in zip(node.tops, tops):
                 values[t] = v
             for j, w in enumerate(node.loss_weights):
                 if w:
                     term = tops[j].sum() * w if w != 1 else tops[j].sum()
                     loss = term if loss is None else loss + term
-        out = NetOutput((name, values[name]) for name in (values if return_blobs else self.graph.outputs))
+        names = values if return_blobs else self.graph.outputs
+        if torch.jit.is_tracing():
+            return {name: values[name] for name in names}
+        out = NetOutput((name, values[name]) for name in names)
         out.loss = loss
         return out
 
     @staticmethod
-    def _step(node: LayerNode, fused: Optional[LayerNode], params, values) -> Tuple[LayerNode, list]:
-        """Run one computing layer (or a BatchNorm fused with its Scale) on ``values``; returns the node whose tops
-        were computed (the Scale for a fused pair) and the tops."""
+    def _step(node: LayerNode, layer, fused: Optional[LayerNode], params, values) -> Tuple[LayerNode, list]:
+        """Run one computing layer (``layer``: the node's layer in the current mode) or a BatchNorm fused with its
+        Scale on ``values``; returns the node whose tops were computed (the Scale for a fused pair) and the tops."""
         bottoms = [values[b] for b in node.bottoms]
         if fused is not None:
             sb = params.get(fused.name, [])
             beta = sb[1] if len(sb) > 1 else None
-            return fused, node.layer.forward(params[node.name], bottoms, weight=sb[0], bias=beta)
-        return node, node.layer.forward(params.get(node.name, []), bottoms)
+            return fused, layer.forward(params[node.name], bottoms, weight=sb[0], bias=beta)
+        return node, layer.forward(params.get(node.name, []), bottoms)
 
     def run_layers(self, values: Dict[str, torch.Tensor], end: Optional[str] = None,
                    visit: Optional[Callable[[LayerNode, Dict[str, torch.Tensor]], None]] = None) \
@@ -300,15 +375,15 @@ class Net(nn.Module):
         if end is not None and end not in {n.name for n in self.graph.layers}:
             raise NetError(f"{self.graph.source}: there is no layer {end!r} to stop at.")
         params = {name: self._layer_blobs(name) for name in self._keys}
-        for node, fused in self._plan:
-            if node.layer.is_data:
+        for node, layer, fused in self._plan:
+            if layer.is_data:
                 missing = [t for t in node.tops if t not in values]
                 if missing:
                     raise NetError(f"{self.graph.source}: blob {missing[0]!r} of data layer {node.name!r} was not "
                                    f"given.")
                 ran = node
             else:
-                ran, tops = self._step(node, fused, params, values)
+                ran, tops = self._step(node, layer, fused, params, values)
                 for t, v in zip(ran.tops, tops):
                     values[t] = v
             if visit is not None:
@@ -423,8 +498,20 @@ class Net(nn.Module):
 
     def extra_repr(self) -> str:
         g = self.graph
-        return (f"{g.name or 'net'} [{'TRAIN' if g.phase == pb.TRAIN else 'TEST'}]: {len(g.layers)} layers, "
-                f"inputs {g.inputs}, outputs {g.outputs}, {g.param_count:,} learnable params")
+        return (f"{g.name or 'net'} [{'TRAIN' if g.phase == pb.TRAIN else 'TEST'}, "
+                f"{'train' if self.training else 'eval'} mode]: {len(g.layers)} layers, inputs {g.inputs}, outputs "
+                f"{g.outputs}, {g.param_count:,} learnable params")
+
+    def __repr__(self) -> str:
+        """The net's summary, then one line per layer in execution order: type, bottoms -> tops with their
+        shapes, and blob shapes (instead of nn.Module's listing of blob holders)."""
+        lines = [f"{type(self).__name__}({self.extra_repr()}"]
+        for node in self.graph.layers:
+            tops = ", ".join(f"{t} {'x'.join(map(str, s))}" for t, s in zip(node.tops, node.top_shapes))
+            flow = f"{', '.join(node.bottoms)} -> {tops}" if node.bottoms else f"-> {tops}"
+            blobs = " ".join("x".join(map(str, s)) or "scalar" for s in node.blob_shapes)
+            lines.append(f"  ({node.name}): {node.type}({flow}{f'; blobs {blobs}' if blobs else ''})")
+        return "\n".join(lines) + "\n)"
 
 
 def _names(items: Sequence[str], limit: int = 8) -> str:

@@ -405,8 +405,8 @@ layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip"
 def test_fused_batchnorm_scale_equals_unfused(phase, bias):
     text = BN_NET % bias
     nets = [Net(parse_net(text), phase=phase, seed=3, fuse_bn=f) for f in (True, False)]
-    assert any(fused is not None for _, fused in nets[0]._plan)
-    assert all(fused is None for _, fused in nets[1]._plan)
+    assert any(fused is not None for *_, fused in nets[0]._plan)
+    assert all(fused is None for *_, fused in nets[1]._plan)
     stats = bn_blobs(4, seed=9, s=3.0)
     for net in nets:
         with torch.no_grad():

@@ -1,5 +1,6 @@
 """Element-wise layers: activations, Power/Exp/Log, Clip, Threshold and Dropout. Each keeps the bottom's shape."""
 
+import copy
 import math
 
 from slim import proto as pb
@@ -199,6 +200,14 @@ class Dropout(_Elementwise):
         r = self.param.dropout_param.dropout_ratio
         if not 0 <= r < 1:
             raise ValueError(f"dropout_ratio must be in [0, 1), found {r}")
+
+    def for_mode(self, training):
+        phase = pb.TRAIN if training else pb.TEST
+        if phase == self.phase:
+            return self
+        twin = copy.copy(self)
+        twin.phase = phase
+        return twin
 
     def apply(self, x, blobs):
         if self.phase != pb.TRAIN or self.param.dropout_param.dropout_ratio == 0:

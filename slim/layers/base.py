@@ -187,6 +187,14 @@ class Layer:
         return []
 
     # ----- run time -----------------------------------------------------------------------------------------
+    def for_mode(self, training: bool) -> "Layer":
+        """This layer as it runs in torch's train (True) or eval (False) mode, for ``Net.train()``/``Net.eval()``.
+
+        Only behaviour Caffe derives from the phase switches (BatchNorm's statistics, Dropout); the default is the
+        layer itself. An override returns a shallow copy and never changes ``self``, which the graph shares.
+        """
+        return self
+
     def forward(self, blobs: list, bottoms: list) -> list:
         """Compute the tops from the bottoms (tensors) and the layer's blobs (tensors, Caffe order)."""
         raise NotImplementedError

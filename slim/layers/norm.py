@@ -1,5 +1,7 @@
 """Normalisation and per-channel affine layers: BatchNorm, Scale, Bias, LRN."""
 
+import copy
+
 from slim import proto as pb
 from slim.layers._lazy import F, torch
 from slim.layers.base import ChannelRole, Layer, canonical_axis, count, register
@@ -33,6 +35,14 @@ class BatchNorm(Layer):
 
     def forced_lr_mult(self, index):
         return 0.0
+
+    def for_mode(self, training):
+        # Unset use_global_stats follows the phase, so it follows torch's mode; a written one stays (Caffe's rule).
+        if self.param.batch_norm_param.HasField("use_global_stats") or self.use_global_stats != training:
+            return self
+        twin = copy.copy(self)
+        twin.use_global_stats = not training
+        return twin
 
     def init_blobs(self, generator):
         return [torch.zeros(s) for s in self.blob_shapes]

@@ -108,7 +108,7 @@ class Pooling(Layer):
         x = bottoms[0]
         if self.native:
             if self.max:
-                if len(self.param.top) == 2:
+                if len(self.top_shapes) == 2:
                     y, idx = F.max_pool2d(x, self.kernel, self.stride, self.pad, 1, self.ceil, True)
                     return [y, idx.to(y.dtype)]
                 return [F.max_pool2d(x, self.kernel, self.stride, self.pad, 1, self.ceil)]

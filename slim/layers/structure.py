@@ -28,6 +28,7 @@ class Eltwise(Layer):
                              f"bottom")
         if ep.coeff and ep.operation == pb.EltwiseParameter.PROD:
             raise ValueError("coeff is only allowed for operation SUM (MAX ignores it); remove it from this PROD layer")
+        self.coeff = tuple(ep.coeff) or (1.0,) * len(self.bottom_shapes)  # a tuple: torch.compile traces it
         self.top_shapes = [shape]
 
     def channel_role(self) -> ChannelRole:
@@ -36,7 +37,7 @@ class Eltwise(Layer):
     def forward(self, blobs, bottoms):
         ep = self.param.eltwise_param
         if ep.operation == pb.EltwiseParameter.SUM:
-            coeff = list(ep.coeff) or [1.0] * len(bottoms)
+            coeff = self.coeff
             y = bottoms[0] if coeff[0] == 1 else bottoms[0] * coeff[0]
             for c, x in zip(coeff[1:], bottoms[1:]):
                 y = y + x if c == 1 else y + c * x
@@ -147,7 +148,7 @@ class Split(Layer):
         return ChannelRole("passthrough")
 
     def forward(self, blobs, bottoms):
-        return [bottoms[0]] * len(self.param.top)
+        return [bottoms[0]] * len(self.top_shapes)
 
     def macs(self):
         return 0  # Caffe's Split shares the bottom's data with every top: no arithmetic
