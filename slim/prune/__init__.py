@@ -17,6 +17,15 @@ from slim.prune.plan import PrunePlan, PrunePolicy, make_plan, plan_from_kept
 from slim.prune.report import LayerChange, PruneReport
 from slim.prune.rewrite import PrunedBlobs, masked_blobs, rewrite_net, transplant
 
+
+def __getattr__(name):
+    # The reconstruction stage runs nets (torch); everything above is numpy-only, so it is imported on first use.
+    if name in ("Calibration", "reconstruct_prune"):
+        from slim.prune import calibrate, reconstruct
+        return getattr(calibrate, name, None) or getattr(reconstruct, name)
+    raise AttributeError(f"module 'slim.prune' has no attribute {name!r}")
+
+
 __all__ = [
     "prune_net", "write_pruned", "PruneResult", "load_blobs", "conv_fc_macs", "output_paths",
     "analyze", "ChannelAnalysis", "ChannelGroup", "BlobSlot", "GroupSlot", "ProducerInfo",
@@ -24,4 +33,5 @@ __all__ = [
     "PrunePolicy", "PrunePlan", "make_plan", "plan_from_kept",
     "PruneReport", "LayerChange",
     "rewrite_net", "transplant", "PrunedBlobs", "masked_blobs",
+    "Calibration", "reconstruct_prune",
 ]

@@ -35,6 +35,7 @@ __all__ = ["PruneResult", "prune_net", "write_pruned", "load_blobs", "conv_fc_ma
 
 if TYPE_CHECKING:
     from slim.io import CaffeModel
+    from slim.prune.calibrate import Calibration
 
 _log = logging.getLogger(__name__)
 
@@ -152,7 +153,8 @@ def _batch(graph: NetGraph) -> int:
 
 def prune_net(net: Union[str, Path, "pb.NetParameter"], weights: Weights, policy: Optional[PrunePolicy] = None, *,
               absorb_bias: bool = False, replay: Optional[PruneReport] = None, phase: str = "TEST",
-              source: Optional[str] = None, allow_unknown_fields: bool = False) -> PruneResult:
+              source: Optional[str] = None, allow_unknown_fields: bool = False,
+              calibration: Optional["Calibration"] = None) -> PruneResult:
     """Prune the channels of any net slim can build.
 
     Args:
@@ -165,6 +167,8 @@ def prune_net(net: Union[str, Path, "pb.NetParameter"], weights: Weights, policy
         phase: the NetState phase analysed.
         source: the net's name in messages (defaults to the path).
         allow_unknown_fields: read a prototxt path tolerantly.
+        calibration: for ``criterion="lasso"``, the calibration images and settings (slim.prune.Calibration;
+            None uses its defaults: 5,000 images of the net's own TRAIN-phase data layer).
 
     Returns:
         A PruneResult (``net, blobs, report = prune_net(...)``).
@@ -183,12 +187,21 @@ def prune_net(net: Union[str, Path, "pb.NetParameter"], weights: Weights, policy
         raise PruneError("prune_net needs a policy (what to remove) or a report to replay.")
     if policy is not None and replay is None:
         policy.check()
+    lasso = replay is None and policy.criterion == "lasso"
+    if lasso and absorb_bias:
+        raise PruneError("--absorb-bias does not apply to --criterion lasso: its least squares refits every reader's "
+                         "bias already. Leave --absorb-bias out.")
     weights_name = str(weights) if isinstance(weights, (str, Path)) else getattr(weights, "path", "<blobs>")
     if isinstance(weights, (str, Path)):
         weights = read_caffemodel(weights)
     graph = build_graph(net, phase, source=source)
     analysis = analyze(graph, policy.protect if policy is not None else ())
     blobs = load_blobs(graph, weights)
+    if lasso:
+        from slim.prune.calibrate import Calibration, CalibrationSource
+        calibration = calibration or Calibration()
+        calibration.check()
+        calibration_source = CalibrationSource.open(net, source, calibration)
 
     def macs_of(keep: np.ndarray) -> float:
         return conv_fc_macs(build_graph(rewrite_net(net, analysis, keep), phase, source=source))
@@ -197,6 +210,11 @@ def prune_net(net: Union[str, Path, "pb.NetParameter"], weights: Weights, policy
         plan = plan_from_kept(analysis, replay.kept, {c.name: c.before for c in replay.layers}, "the report")
         criterion = tie_rule = None
         described: Dict[str, object] = {}
+    elif lasso:
+        from slim.prune.reconstruct import reconstruct_prune
+        rebuilt = reconstruct_prune(graph, analysis, blobs, policy, calibration, calibration_source, macs_of)
+        plan, blobs = rebuilt.plan, rebuilt.blobs   # the refitted blobs, at the original shapes
+        criterion, tie_rule, described = policy.criterion, None, policy.describe()
     else:
         scores = channel_scores(analysis, blobs, policy.criterion, policy.tie_rule, policy.normalizer)
         plan = make_plan(analysis, scores, policy, macs_of)
@@ -205,7 +223,8 @@ def prune_net(net: Union[str, Path, "pb.NetParameter"], weights: Weights, policy
     pruned_net = rewrite_net(net, analysis, plan.keep)
     pruned = transplant(analysis, plan.keep, blobs)
     fold = FoldResult()
-    if absorb_bias or analysis.constant_at:
+    # Under lasso a removed channel's reader weights are zero: whatever constant it carries contributes nothing.
+    if (absorb_bias or analysis.constant_at) and not lasso:
         reference = masked_blobs(analysis, plan.keep, blobs, gammas_only=absorb_bias)
         fold = fold_constants(analysis, plan.keep, reference, pruned_net, pruned, everywhere=absorb_bias)
     if isinstance(weights, CaffeModel):
@@ -224,6 +243,12 @@ def prune_net(net: Union[str, Path, "pb.NetParameter"], weights: Weights, policy
         params_before=graph.param_count, params_after=new_graph.param_count,
         macs_before=conv_fc_macs(graph), macs_after=conv_fc_macs(new_graph), folded=fold.folded,
         dropped=fold.dropped, biased=fold.biased, layers=layers)
+    if lasso:
+        report.reconstruction = {"layers": [dataclasses.asdict(r) for r in rebuilt.layers],
+                                 "selections": rebuilt.selections, "pinned": rebuilt.pinned,
+                                 "calibration": rebuilt.calibration, "seconds": rebuilt.seconds}
+        report.warnings.extend(f"lasso keeps {layer} whole: {why}" for layer, why in rebuilt.pinned.items())
+        report.warnings.extend(f"lasso did not refit {r.layer}: {r.note}" for r in rebuilt.layers if not r.refitted)
     if plan.cut is not None:
         report.cut = plan.cut.to_dict()
         warning = plan.cut.warning(criterion)

@@ -35,7 +35,8 @@ import numpy as np
 
 from slim.errors import PruneError
 
-__all__ = ["Selection", "channel_gram", "select_channels", "least_squares", "relative_error", "lars_path", "expand"]
+__all__ = ["Selection", "channel_gram", "select_channels", "least_squares", "relative_error", "lars_path", "expand",
+           "unexplained"]
 
 
 def _sklearn_lars():
@@ -249,3 +250,37 @@ def expand(solution: np.ndarray, kept: np.ndarray, D: int, bias: bool) -> np.nda
         out[D] = solution[len(kept)]
     return out
 
+
+
+def unexplained(A: np.ndarray, count: int, columns: np.ndarray, usable: np.ndarray, channels: np.ndarray) -> np.ndarray:
+    """For each of ``channels``, the fraction of its input variance that the other usable columns do not explain
+    linearly: 0 for a channel that is a linear combination of the others (or dead), 1 for one uncorrelated with them.
+
+    From the centred covariance C of the usable columns: the unexplained part of channel i's block is the Schur
+    complement ``((C^-1)_ii)^-1``, so one inversion serves every channel. Least squares recovers such a channel's
+    contribution from the others: removing it costs nothing once the reader is refitted.
+
+    Args:
+        A: the statistics (constant row last); count: the samples in it.
+        columns: channel id of each column; usable: mask of the columns to consider (kept channels).
+        channels: the channels to rate (each must own usable columns).
+    """
+    D = len(columns)
+    idx = np.nonzero(usable)[0]
+    mx = A[D, idx] / max(count, 1)
+    C = A[np.ix_(idx, idx)] / max(count, 1) - np.outer(mx, mx)
+    diag = np.clip(np.diag(C), 0, None)
+    scale = float(diag.mean()) if len(diag) else 0.0
+    out = np.zeros(len(channels))
+    if not scale > 0:
+        return out
+    Cinv = np.linalg.pinv(C + 1e-10 * scale * np.eye(len(idx)), hermitian=True)
+    cols = columns[idx]
+    for k, ch in enumerate(channels):
+        block = np.nonzero(cols == ch)[0]
+        total = float(diag[block].sum())
+        if total <= 1e-12 * scale * len(block):
+            continue                                  # a dead channel: nothing to explain
+        schur = np.linalg.pinv(Cinv[np.ix_(block, block)], hermitian=True)
+        out[k] = min(1.0, max(0.0, float(np.trace(schur)) / total))
+    return out

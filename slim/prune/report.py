@@ -68,6 +68,10 @@ class PruneReport:
         cut: the global ranking's cut and score distribution (slim.prune.cut.CutStats.to_dict; empty when the policy
             had no global ranking): threshold, first_kept, gap, dense, quantiles, below.
         warnings: what the user should know before using the pruned net (a cut through dense scores, ...).
+        reconstruction: for ``--criterion lasso`` (slim.prune.reconstruct): "layers" (per refitted layer: input
+            channels before and after, relative errors ||Y - Y_hat|| / ||Y|| on held-out calibration samples with
+            the original weights on all inputs, on the kept inputs, and after the least squares), "selections" (per
+            pruned group), "pinned" (layers lasso kept whole, and why), "calibration" and "seconds"; else empty.
     """
 
     net: str
@@ -91,6 +95,7 @@ class PruneReport:
     layers: List[LayerChange]
     cut: Dict[str, object] = dataclasses.field(default_factory=dict)
     warnings: List[str] = dataclasses.field(default_factory=list)
+    reconstruction: Dict[str, object] = dataclasses.field(default_factory=dict)
 
     @property
     def fraction(self) -> float:
@@ -114,6 +119,7 @@ class PruneReport:
         out["biased"] = list(self.biased)
         out["cut"] = dict(self.cut)
         out["warnings"] = list(self.warnings)
+        out["reconstruction"] = dict(self.reconstruction)
         out["fraction"] = self.fraction
         out["layers"] = [{"name": c.name, "type": c.type, "before": c.before, "after": c.after, "kept": c.kept}
                          for c in self.layers]
@@ -193,4 +199,22 @@ class PruneReport:
             lines.append(f"  {'layer':<{width}} {'type':<14} channels")
             for c in pruned:
                 lines.append(f"  {c.name:<{width}} {c.type:<14} {c.before} -> {c.after}")
+        lines.extend(self._reconstruction_lines())
         return "\n".join(lines)
+
+    def _reconstruction_lines(self) -> List[str]:
+        rec = self.reconstruction
+        if not rec or not rec.get("layers"):
+            return []
+        cal = rec.get("calibration", {})
+        lines = [f"  least-squares reconstruction on {cal.get('images_fit', '?')} calibration images "
+                 f"({cal.get('source', '?')}); relative error ||Y - Y_hat|| / ||Y|| on "
+                 f"{cal.get('images_held_out', '?')} held-out images:",
+                 f"  {'layer':<24} {'inputs':>11} {'unpruned':>9} {'pruned':>9} {'refitted':>9}"]
+        for r in rec["layers"]:
+            lines.append(f"  {r['layer']:<24} {r['inputs_before']:>5} -> {r['inputs_after']:<4}"
+                         f"{r['error_unpruned']:>9.4f} {r['error_pruned']:>9.4f} {r['error_reconstructed']:>9.4f}"
+                         + ("" if r.get("refitted", True) else "  (sliced, not refitted)"))
+        for layer, why in rec.get("pinned", {}).items():
+            lines.append(f"  kept whole: {layer}: {why}")
+        return lines
