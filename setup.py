@@ -21,10 +21,12 @@ setup(
     install_requires=["torch>=2.1", "protobuf>=4.25,<8", "numpy>=1.22"],
     extras_require={
         # opencv-python-headless: an independent Caffe forward oracle; 5.x removed the Caffe importer.
-        "test": ["pytest>=7", "opencv-python-headless>=4.5,<5", "pillow>=9", "lmdb>=1.0"],
+        "test": ["pytest>=7", "opencv-python-headless>=4.5,<5", "pillow>=9", "lmdb>=1.0", "scikit-learn>=1.1"],
         "image": ["pillow>=9"],
         "plot": ["matplotlib>=3.5"],
         "lmdb": ["lmdb>=1.0"],
+        # scikit-learn: the Gram-form LARS that --criterion lasso selects channels with (lars_path_gram, 1.1+).
+        "lasso": ["scikit-learn>=1.1"],
         "dev": ["grpcio-tools>=1.60"],
     },
     entry_points={"console_scripts": ["slim=slim.cli:main"]},
