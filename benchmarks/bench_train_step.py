@@ -102,21 +102,29 @@ class ResNet(nn.Module):
 NETS = {"vgg19": ("nets/vgg19_cifar10.prototxt", VGG), "resnet56": ("nets/resnet56_cifar10.prototxt", ResNet)}
 
 
-def slim_solver(path, images, labels, device):
-    """A Solver on the zoo net whose TRAIN data layer is a MemoryData layer holding the batch."""
+def recipe_solver(net: "pb.NetParameter", name: str, device, **options) -> Solver:
+    """A Solver on ``net`` with the recipe above (SGD momentum 0.9, weight decay 1e-4, penalty 1e-4, lr 0.1, seed 1);
+    ``options`` go to Solver (amp, channels_last, compile)."""
+    solver = parse_solver(f'base_lr: 0.1 lr_policy: "fixed" momentum: 0.9 weight_decay: 1e-4 max_iter: 1000000 '
+                          f'display: 0 snapshot_after_train: false random_seed: 1 sparsity {{ penalty: {PENALTY} }}')
+    solver.net_param.CopyFrom(net)
+    return Solver(solver, solver_path=f"<{name}>", device=device, metrics=False, **options)
+
+
+def slim_solver(path, images, labels, device, batch=BATCH, **options):
+    """A Solver on the zoo net whose TRAIN data layer is a MemoryData layer of ``batch`` images holding ``images``
+    (N x C x H x W, N a multiple of ``batch``); ``options`` go to Solver."""
     net = read_net(ROOT / path)
 
     def memory_data(layer):
         memory = pb.LayerParameter(name=layer.name, type="MemoryData", top=list(layer.top))
         p = memory.memory_data_param
-        p.batch_size, p.channels, p.height, p.width = BATCH, 3, 32, 32
+        p.batch_size = batch
+        p.channels, p.height, p.width = images.shape[1:]
         return memory
 
     replace_train_data(net, memory_data)
-    solver = parse_solver(f'base_lr: 0.1 lr_policy: "fixed" momentum: 0.9 weight_decay: 1e-4 max_iter: 1000000 '
-                          f'display: 0 snapshot_after_train: false random_seed: 1 sparsity {{ penalty: {PENALTY} }}')
-    solver.net_param.CopyFrom(net)
-    s = Solver(solver, solver_path=f"<{path}>", device=device, metrics=False)
+    s = recipe_solver(net, path, device, **options)
     s.net.set_input_arrays(images.cpu(), labels.cpu())
     return s
 
