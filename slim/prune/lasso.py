@@ -48,17 +48,23 @@ def _sklearn_lars():
     return lars_path_gram
 
 
-def _column_sums(matrix: np.ndarray, columns: np.ndarray, channels: np.ndarray, axis: int) -> np.ndarray:
-    """Sum the rows (axis 0) or columns (axis 1) of ``matrix`` that belong to each of ``channels``."""
-    index = np.searchsorted(channels, columns)
-    out_shape = list(matrix.shape)
-    out_shape[axis] = len(channels)
-    out = np.zeros(out_shape)
-    if axis == 0:
-        np.add.at(out, index, matrix)
+def _channel_sums(matrix: np.ndarray, columns: np.ndarray, channels: np.ndarray, axis: int) -> np.ndarray:
+    """Sum the rows (axis 0) or columns (axis 1) of ``matrix`` that belong to each of ``channels``.
+
+    Columns come in runs of one channel (a convolution's k_h*k_w, an InnerProduct's H*W): with runs of equal length
+    the runs are summed by a reshape (no scatter over the whole matrix), then the few runs of one channel (a Concat
+    repeating it) are added up by a small indicator product."""
+    D = len(columns)
+    starts = np.flatnonzero(np.r_[True, columns[1:] != columns[:-1]])
+    m = D // len(starts)
+    if m * len(starts) == D and (starts == np.arange(len(starts)) * m).all():
+        moved = np.moveaxis(matrix, axis, 0)
+        runs = moved.reshape((len(starts), m) + moved.shape[1:]).sum(1)
+        run_channel = columns[starts]
     else:
-        np.add.at(out.T, index, matrix.T)
-    return out
+        runs, run_channel = np.moveaxis(matrix, axis, 0), columns
+    indicator = (run_channel[None, :] == channels[:, None]).astype(runs.dtype)       # c x runs
+    return np.moveaxis(np.tensordot(indicator, runs, axes=(1, 0)), 0, axis)
 
 
 def channel_gram(A: np.ndarray, B: np.ndarray, W: np.ndarray, columns: np.ndarray, count: int,
@@ -83,8 +89,8 @@ def channel_gram(A: np.ndarray, B: np.ndarray, W: np.ndarray, columns: np.ndarra
         Bx = Bx - count * np.outer(mx, my)
     channels = np.unique(columns)
     P = Axx * (W.T @ W)                                      # D x D: A_pq (W^T W)_pq
-    G = _column_sums(_column_sums(P, columns, channels, 0), columns, channels, 1)
-    q = _column_sums((Bx * W.T).sum(1), columns, channels, 0)
+    G = _channel_sums(_channel_sums(P, columns, channels, 0), columns, channels, 1)
+    q = _channel_sums((Bx * W.T).sum(1), columns, channels, 0)
     return channels, G, q
 
 
@@ -253,12 +259,13 @@ def expand(solution: np.ndarray, kept: np.ndarray, D: int, bias: bool) -> np.nda
 
 
 def unexplained(A: np.ndarray, count: int, columns: np.ndarray, usable: np.ndarray, channels: np.ndarray) -> np.ndarray:
-    """For each of ``channels``, the fraction of its input variance that the other usable columns do not explain
+    """For each of ``channels``, the fraction of its input variance that the other usable channels do not explain
     linearly: 0 for a channel that is a linear combination of the others (or dead), 1 for one uncorrelated with them.
 
-    From the centred covariance C of the usable columns: the unexplained part of channel i's block is the Schur
-    complement ``((C^-1)_ii)^-1``, so one inversion serves every channel. Least squares recovers such a channel's
-    contribution from the others: removing it costs nothing once the reader is refitted.
+    Each channel is summarised by the sum of its columns (a linear functional, so a channel map that is a linear
+    combination of others stays one); on the centred covariance S of these summaries the unexplained fraction of
+    channel i is ``1 / (S_ii (S^-1)_ii)``, one c x c inversion for every channel. Least squares recovers such a
+    channel's contribution from the others: removing it costs nothing once the reader is refitted.
 
     Args:
         A: the statistics (constant row last); count: the samples in it.
@@ -267,20 +274,24 @@ def unexplained(A: np.ndarray, count: int, columns: np.ndarray, usable: np.ndarr
     """
     D = len(columns)
     idx = np.nonzero(usable)[0]
-    mx = A[D, idx] / max(count, 1)
-    C = A[np.ix_(idx, idx)] / max(count, 1) - np.outer(mx, mx)
-    diag = np.clip(np.diag(C), 0, None)
+    n = max(count, 1)
+    mx = A[D, idx] / n
+    C = A[np.ix_(idx, idx)] / n - np.outer(mx, mx)
+    present = np.unique(columns[idx])
+    S = _channel_sums(_channel_sums(C, columns[idx], present, 0), columns[idx], present, 1)
+    diag = np.clip(np.diag(S), 0, None)
     scale = float(diag.mean()) if len(diag) else 0.0
     out = np.zeros(len(channels))
     if not scale > 0:
         return out
-    Cinv = np.linalg.pinv(C + 1e-10 * scale * np.eye(len(idx)), hermitian=True)
-    cols = columns[idx]
-    for k, ch in enumerate(channels):
-        block = np.nonzero(cols == ch)[0]
-        total = float(diag[block].sum())
-        if total <= 1e-12 * scale * len(block):
-            continue                                  # a dead channel: nothing to explain
-        schur = np.linalg.pinv(Cinv[np.ix_(block, block)], hermitian=True)
-        out[k] = min(1.0, max(0.0, float(np.trace(schur)) / total))
+    S[np.diag_indices_from(S)] += 1e-12 * scale                  # positive definite: a plain inverse will do
+    try:
+        inv_diag = np.diag(np.linalg.inv(S))
+    except np.linalg.LinAlgError:
+        inv_diag = np.diag(np.linalg.pinv(S, hermitian=True))
+    at = np.searchsorted(present, channels)
+    live = diag[at] > 1e-12 * scale                                # a dead channel: nothing to explain, 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = 1.0 / (diag[at] * inv_diag[at])
+    out[live] = np.clip(np.nan_to_num(ratio[live], nan=1.0), 0.0, 1.0)
     return out
