@@ -6,7 +6,7 @@ with status 2. ``assert`` is kept for internal invariants.
 """
 
 __all__ = ["SlimError", "ParseError", "NetError", "WeightsError", "SolverError", "DataError", "PruneError",
-           "OutputError", "ResourceError"]
+           "OutputError", "ResourceError", "InteropError"]
 
 
 class SlimError(Exception):
@@ -43,3 +43,8 @@ class OutputError(SlimError):
 
 class ResourceError(SlimError):
     """A file or net would need more memory than this process may allocate."""
+
+
+class InteropError(SlimError):
+    """A foreign model (ONNX) cannot be read or converted: not a model, an operator or shape slim cannot express, or
+    an optional dependency (onnx, onnxruntime) that is not installed."""
