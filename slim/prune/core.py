@@ -249,6 +249,8 @@ def prune_net(net: Union[str, Path, "pb.NetParameter"], weights: Weights, policy
                                  "calibration": rebuilt.calibration, "seconds": rebuilt.seconds}
         report.warnings.extend(f"lasso keeps {layer} whole: {why}" for layer, why in rebuilt.pinned.items())
         report.warnings.extend(f"lasso did not refit {r.layer}: {r.note}" for r in rebuilt.layers if not r.refitted)
+    if plan.macs is not None:
+        _check_target(report, plan.macs[1], source)
     if plan.cut is not None:
         report.cut = plan.cut.to_dict()
         warning = plan.cut.warning(criterion)
@@ -257,6 +259,18 @@ def prune_net(net: Union[str, Path, "pb.NetParameter"], weights: Weights, policy
     for warning in report.warnings:
         _log.warning("%s: %s", source, warning)
     return PruneResult(pruned_net, pruned, report, plan, analysis, blobs, absorb_bias)
+
+
+def _check_target(report: PruneReport, searched: float, source: str) -> None:
+    """A MAC target is a promise: the written net's MACs must be those the search found, within the tolerance."""
+    from slim.prune.plan import TOLERANCE
+
+    policy = report.policy
+    target = policy["target_macs"] if policy.get("target_macs") is not None else report.macs_before / policy["speedup"]
+    if report.macs_after != searched or abs(report.macs_after - target) > TOLERANCE * target * (1 + 1e-9):
+        raise PruneError(f"{source}: the pruned net has {report.macs_after:,.0f} conv+FC MACs per image, not within "
+                         f"{TOLERANCE:.0%} of the target {target:,.0f} (the search found {searched:,.0f}); nothing "
+                         f"was written. This is a bug in slim: please report it with the net.")
 
 
 def _carry_other_phases(model, graph: NetGraph, net: "pb.NetParameter", pruned: PrunedBlobs) -> None:

@@ -47,6 +47,7 @@ class CutStats:
             scores; None when there is no cut inside the ranking).
         quantiles: percentile -> score.
         below: level -> fraction of the ranked channels scoring below it.
+        skipped: ranked channels passed over (kept out of rank order) so that a MAC target lands within tolerance.
     """
 
     ranked: int
@@ -56,6 +57,7 @@ class CutStats:
     gap: Optional[float]
     quantiles: Dict[str, float]
     below: Dict[str, float]
+    skipped: int = 0
 
     @property
     def dense(self) -> bool:
@@ -73,7 +75,7 @@ class CutStats:
     @classmethod
     def from_dict(cls, data: Dict[str, object]) -> "CutStats":
         """The CutStats that ``to_dict`` wrote (a step's infinite gap reads back as None)."""
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
     def describe(self) -> str:
         """One line: the threshold, the distribution, the gap."""
@@ -82,6 +84,9 @@ class CutStats:
                  else "no channel cut by the ranking"]
         if self.gap is not None:
             parts.append(f"gap {self.gap:.2f}x the average spread" if math.isfinite(self.gap) else "gap: a step")
+        if self.skipped:
+            parts.append(f"{self.skipped} ranked channel{'s' if self.skipped != 1 else ''} kept out of order to land "
+                         f"on the MAC target")
         parts.append(f"scores min {q['0']:.3g}, 5% {q['5']:.3g}, median {q['50']:.3g}, 95% {q['95']:.3g}, "
                      f"max {q['100']:.3g}; " + ", ".join(f"{100 * v:.2f}% below {k}" for k, v in self.below.items()))
         return "; ".join(parts)
@@ -91,13 +96,13 @@ class CutStats:
         if not self.dense:
             return None
         below = self.below[_key(1e-2)]
-        advice = ("train with the sparsity penalty (longer, or a larger penalty) until a mass of gammas sits near 0"
-                  if criterion == "slimming" else "this criterion does not separate weak channels from strong ones "
-                                                  "here")
+        advice = ("Prune less, or train with the sparsity penalty (longer, or a larger penalty) until a mass of "
+                  "gammas sits near 0." if criterion == "slimming" else
+                  "Prune less: this criterion does not separate weak channels from strong ones here.")
         sparse = "" if below >= 0.05 else ": the net does not look sparse"
         return (f"the cut at score {self.threshold:.4g} lies where the scores are dense (gap {self.gap:.2f}x the "
                 f"average spread): the channels removed score like those kept ({100 * below:.2f}% of the "
-                f"{self.ranked} ranked scores are below 1e-2{sparse}). Prune less, or {advice}.")
+                f"{self.ranked} ranked scores are below 1e-2{sparse}). {advice}")
 
 
 def _g(value: Optional[float]) -> str:

@@ -11,7 +11,9 @@ Policies (one of them per pruning):
   prunable channels;
 * **target** (``--target-macs M`` or ``--speedup S``): the global ranking, cut where the pruned net's conv+FC
   multiply-accumulates per image come within 1% of the target (found by bisection; the net is rewritten and its
-  shapes inferred at each step).
+  shapes inferred at each step). Where one more channel would jump past the target (a coarse channel), the next
+  ranked channels are taken only if they land inside it (the report counts those passed over); a target that
+  still cannot be met is refused, naming the nearest MACs reachable on each side.
 
 Constraints, applied to every group: ``min_channels`` (an absolute count, default 1, so no layer is ever emptied)
 and ``min_fraction`` keep at least that many. A layer left with one channel by a global ranking has all but lost
@@ -283,11 +285,12 @@ def make_plan(analysis: ChannelAnalysis, scores: ChannelScores, policy: PrunePol
         keep0 = ~remove
         before = macs_of(np.ones(n, bool))
         target = policy.target_macs if policy.target_macs is not None else before / policy.speedup
-        k, after = _search(analysis, keep0, eligible, score, policy.round_to, macs_of, target, before)
-        remove[eligible[:k]] = True
-        requested += k
+        chosen, after, skipped = _search(analysis, keep0, eligible, score, policy.round_to, macs_of, target, before)
+        remove[chosen] = True
+        requested += len(chosen)
         macs = (before, after)
-        cut = _cut(score, rest, eligible[:k])
+        cut = _cut(score, rest, chosen)
+        cut.skipped = skipped
 
     keep = _finish(analysis, ~remove, score, policy.round_to)
     if policy.guarded:
@@ -315,34 +318,65 @@ def _cut(score: np.ndarray, ranked: np.ndarray, removed: np.ndarray) -> CutStats
     return cut_stats(score[ranked], float(score[removed].max()) if len(removed) else None)
 
 
-def _search(analysis, keep0, eligible, score, round_to, macs_of, target, before) -> Tuple[int, float]:
-    """The smallest k whose pruned MACs are within 1% above the target, by bisection (MACs fall as k grows)."""
-    def macs_at(k: int) -> float:
+#: A target policy lands within this fraction of the target MACs.
+TOLERANCE = 0.01
+#: Channels past a granularity jump tried, one at a time, to land within the tolerance.
+_FILL = 64
+
+
+def _search(analysis, keep0, eligible, score, round_to, macs_of, target, before) -> Tuple[np.ndarray, float, int]:
+    """The channels to remove for the pruned MACs to land within TOLERANCE of the target.
+
+    By bisection, the smallest k whose first k ranked channels bring the MACs within the tolerance above the target
+    (MACs fall as k grows). When that k overshoots below it (one channel can cost many MACs: a first layer's
+    channel is read by every pixel of the next), the cut stops at k - 1 and the following ranked channels are
+    tried one at a time, each removed only when it does not overshoot, until the MACs land inside. What cannot
+    land is refused with the nearest reachable MACs on each side.
+
+    Returns:
+        (removed channel ids, MACs after, how many ranked channels were passed over to land).
+    """
+    high, low = target * (1 + TOLERANCE), target * (1 - TOLERANCE)
+
+    def macs_with(removed: np.ndarray) -> float:
         keep = keep0.copy()
-        keep[eligible[:k]] = False
+        keep[removed] = False
         return macs_of(_finish(analysis, keep, score, round_to))
 
-    if target >= before * 0.99:
-        return 0, before
+    if target >= before * (1 - TOLERANCE):
+        return eligible[:0], before, 0
     hi = len(eligible)
-    lowest = macs_at(hi)
-    if lowest > target * 1.01:
+    lowest = macs_with(eligible)
+    if lowest > high:
         raise PruneError(f"The target of {target:,.0f} MACs per image (conv+FC) cannot be met: removing every channel "
                          f"the limits allow leaves {lowest:,.0f} (the original has {before:,.0f}). Relax "
                          f"--min-channels/--max-prune-per-layer/--protect or aim higher.")
-    lo = 0  # macs_at(lo) > target * 1.01 holds for lo = 0 here
+    lo = 0  # macs_with(eligible[:lo]) > high holds for lo = 0 here
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if macs_at(mid) <= target * 1.01:
+        if macs_with(eligible[:mid]) <= high:
             hi = mid
         else:
             lo = mid
-    found = macs_at(hi)
-    if found < target * 0.99:
-        raise PruneError(f"The target of {target:,.0f} MACs per image cannot be met within 1%: removing one more "
-                         f"channel jumps from {macs_at(lo):,.0f} to {found:,.0f} (try without --round-to, or a "
-                         f"nearby target).")
-    return hi, found
+    found = macs_with(eligible[:hi])
+    if found >= low:
+        return eligible[:hi], found, 0
+    above = macs_with(eligible[:lo])
+    removed, skipped = list(eligible[:lo]), 0
+    for c in eligible[lo:lo + _FILL]:
+        trial = macs_with(np.asarray(removed + [c], np.int64))
+        if trial < low:
+            skipped += 1
+            continue
+        removed.append(c)
+        above = trial
+        if trial <= high:
+            return np.asarray(removed, np.int64), trial, skipped
+    raise PruneError(f"The target of {target:,.0f} MACs per image ({before / target:.3g}x) cannot be met within "
+                     f"{TOLERANCE:.0%}: the channels are too coarse here. The ranking's cut goes from {above:,.0f} MACs "
+                     f"({before / above:.3g}x) to {found:,.0f} ({before / found:.3g}x) in one channel, and none of the "
+                     f"next {_FILL} ranked channels is small enough to land between. Aim at one of those two, or "
+                     f"try without --round-to.")
 
 
 def plan_from_kept(analysis: ChannelAnalysis, kept: Mapping[str, Sequence[int]],

@@ -183,6 +183,12 @@ class PruneReport:
                  f"  conv+FC MACs per image {self.macs_before:,.0f} -> {self.macs_after:,.0f} "
                  f"({ratio(self.macs_before, self.macs_after)}); learnable params {self.params_before:,} -> "
                  f"{self.params_after:,} ({ratio(self.params_before, self.params_after)})"]
+        target = self.policy.get("target_macs") or (self.macs_before / self.policy["speedup"]
+                                                    if self.policy.get("speedup") else None)
+        if target:
+            lines.append(f"  target {target:,.0f} MACs per image ({ratio(self.macs_before, target)}); reached "
+                         f"{self.macs_after:,.0f} ({ratio(self.macs_before, self.macs_after)}, "
+                         f"{100 * (self.macs_after / target - 1):+.2f}% of the target)")
         if self.requested is not None and self.removed < self.requested:
             lines.append(f"  note: {self.requested} channels were asked for; --min-channels, --max-prune-per-layer, "
                          f"--round-to and non-empty blobs kept {self.requested - self.removed} of them")
