@@ -91,6 +91,7 @@ class ReconstructionResult:
         pinned: layer -> why lasso could not prune its output channels (channels pinned before planning).
         calibration: the Calibration settings and the images used.
         seconds: wall time of the passes (statistics), the solves, and in all.
+        passes: the last layer each pass ran to (its forward prefix), in order.
     """
 
     plan: PrunePlan
@@ -100,6 +101,7 @@ class ReconstructionResult:
     pinned: Dict[str, str]
     calibration: Dict[str, object]
     seconds: Dict[str, float]
+    passes: List[str] = dataclasses.field(default_factory=list)
 
 
 def _uniform_scores(analysis: ChannelAnalysis, pinned: np.ndarray) -> ChannelScores:
@@ -291,6 +293,7 @@ def reconstruct_prune(graph: NetGraph, analysis: ChannelAnalysis, blobs: Mapping
             todo.append(g)
             dirty = dirty or int(keep[cand].sum()) < len(cand)
     progress = _Progress(calibration.progress, len(todo))
+    passes: List[str] = []
     fit_b, held_b = source.num_batches
     for step, g in enumerate(todo, 1):
         group = analysis.groups[g]
@@ -299,6 +302,7 @@ def reconstruct_prune(graph: NetGraph, analysis: ChannelAnalysis, blobs: Mapping
         us = units_of[g]
         t0 = time.perf_counter()
         stats = StatsPass(original, current, us, calibration, tag=g)
+        passes.append(stats.end)
         label = f"group {g} ({', '.join(group.producers[:2])}{', ...' if len(group.producers) > 2 else ''})"
         for index, held, images in source.batches(calibration.device):
             stats.run(images, index, held, data_tops, image_top)
@@ -333,7 +337,7 @@ def reconstruct_prune(graph: NetGraph, analysis: ChannelAnalysis, blobs: Mapping
             "source": source.where, **calibration.describe()}
     seconds = {"statistics": round(t_stats, 3), "solve": round(t_solve, 3),
                "total": round(time.perf_counter() - t_start, 3)}
-    return ReconstructionResult(plan, out, layers, selections, pin_reasons, used, seconds)
+    return ReconstructionResult(plan, out, layers, selections, pin_reasons, used, seconds, passes)
 
 
 def _select(us: List[ReaderUnit], stats: StatsPass, cand: np.ndarray, keep: np.ndarray, n_keep: int,

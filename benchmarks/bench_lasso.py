@@ -1,0 +1,156 @@
+"""Benchmark: the cost of `slim prune --criterion lasso` against the forward passes it cannot avoid, and its memory
+as the calibration set grows.
+
+cost mode (default): a zoo net at ImageNet shapes with random weights (msra fillers, BatchNorm statistics made
+non-trivial), calibrated on a small synthetic set (a DummyData --calib-net of gaussian images, batch 10), pruned
+--percent 0.5 by lasso. Then, on the same nets and images, only the forward prefixes each pass ran (the frozen
+original and the current net, up to the pass's last layer, over every calibration batch), timed alone: the floor of
+any method that takes Y from the original net and X from the pruned one. Reported: total, statistics, solves, the
+prefix forwards, and the ratio total / prefix forwards (the issue's target: <= 1.5).
+
+memory mode (--memory N1 N2 ...): each calibration size in its own process on nets/vgg7_fashion.prototxt with its
+own TRAIN data layer (Fashion-MNIST from Debian's dataset-fashion-mnist), peak RSS and wall time per size: the
+statistics are fixed-size sums, so memory must stay flat while time grows with the images.
+
+Usage:
+    python benchmarks/bench_lasso.py --net vgg16 --images 40 [--size 224]
+    python benchmarks/bench_lasso.py --net resnet50 --images 40
+    python benchmarks/bench_lasso.py --memory 1000 2000 5000
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from slim.graph import build_graph  # noqa: E402
+from slim.io import parse_net, read_net  # noqa: E402
+from slim.net import Net  # noqa: E402
+from slim.prune import Calibration, PrunePolicy, prune_net  # noqa: E402
+from slim.prune.calibrate import CalibrationSource  # noqa: E402
+from slim.prune.reconstruct import _nets  # noqa: E402
+
+NETS = {"vgg16": "nets/vgg16_imagenet_deploy.prototxt", "resnet50": "nets/resnet50_imagenet_deploy.prototxt",
+        "vgg7_fashion": "nets/vgg7_fashion.prototxt"}
+
+
+def random_blobs(net_param, seed=0):
+    net = Net(net_param, seed=seed)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, tensors in net.params.items():
+        arrays = [t.detach().numpy().copy() for t in tensors]
+        if net.graph.layer(name).type == "BatchNorm":
+            arrays[0] = rng.normal(0, 0.1, arrays[0].shape).astype(np.float32)
+            arrays[1] = rng.uniform(0.5, 1.5, arrays[1].shape).astype(np.float32)
+            arrays[2] = np.ones(arrays[2].shape, np.float32)
+        out[name] = arrays
+    return out
+
+
+def with_size(net_param, size):
+    """The deploy net with its Input at size x size (the zoo files are 224)."""
+    for layer in net_param.layer:
+        if layer.type == "Input":
+            dims = layer.input_param.shape[0].dim
+            dims[2], dims[3] = size, size
+    return net_param
+
+
+def cost(args) -> dict:
+    net = with_size(read_net(ROOT / NETS[args.net]), args.size)
+    calib = parse_net(f'layer {{ name: "data" type: "DummyData" top: "data" dummy_data_param {{ shape {{ dim: 10 '
+                      f'dim: 3 dim: {args.size} dim: {args.size} }} data_filler {{ type: "gaussian" std: 1 }} }} }}\n')
+    blobs = random_blobs(net)
+    cal = Calibration(images=args.images, samples_per_image=args.samples_per_image, net=calib, progress=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.perf_counter()
+        result = prune_net(net, blobs, PrunePolicy(percent=0.5, criterion="lasso"), calibration=cal,
+                           source=NETS[args.net])
+        total = time.perf_counter() - t0
+    rec = result.report.reconstruction
+    # The floor: the same forward prefixes, alone, on the same images.
+    graph = build_graph(net, "TEST", source=NETS[args.net])
+    original, current = _nets(graph, blobs, "cpu")
+    source = CalibrationSource.open(net, NETS[args.net], cal)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for end in rec["passes"]:
+            for _, _, images in source.batches("cpu"):
+                original.run_layers({"data": images}, end)
+                current.run_layers({"data": images}, end)
+    forwards = time.perf_counter() - t0
+    return {"net": args.net, "size": args.size, "images": args.images, "samples_per_image": args.samples_per_image,
+            "passes": len(rec["passes"]), "total_s": round(total, 2), "statistics_s": rec["seconds"]["statistics"],
+            "solve_s": rec["seconds"]["solve"], "prefix_forwards_s": round(forwards, 2),
+            "ratio_total_to_forwards": round(total / forwards, 3),
+            "macs": [result.report.macs_before, result.report.macs_after],
+            "refitted": sum(1 for r in rec["layers"] if r["refitted"]), "sliced": sum(1 for r in rec["layers"]
+                                                                                       if not r["refitted"]),
+            "kept_whole": sorted(rec["pinned"]), "warnings": len(caught),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def memory_one(images: int) -> dict:
+    net_path = ROOT / NETS["vgg7_fashion"]
+    net = read_net(net_path)
+    blobs = random_blobs(net)
+    cal = Calibration(images=images, progress=False)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = prune_net(net, blobs, PrunePolicy(percent=0.5, criterion="lasso"), calibration=cal,
+                           source=str(net_path))
+    return {"images": images, "seconds": round(time.perf_counter() - t0, 2),
+            "statistics_s": result.report.reconstruction["seconds"]["statistics"],
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--net", default="vgg16", choices=["vgg16", "resnet50"])
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--images", type=int, default=40)
+    p.add_argument("--samples-per-image", type=int, default=10)
+    p.add_argument("--memory", type=int, nargs="+", metavar="N", help="memory mode: these calibration sizes")
+    p.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--json", help="append the results as JSON lines to this file")
+    args = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("SLIM_THREADS", os.cpu_count() or 1)))
+    print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+          f"{torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
+    if args.one is not None:
+        print(json.dumps(memory_one(args.one)))
+        return 0
+    rows = []
+    if args.memory:
+        for n in args.memory:
+            out = subprocess.run([sys.executable, __file__, "--one", str(n)], capture_output=True, text=True,
+                                 check=True).stdout.strip().splitlines()[-1]
+            rows.append(json.loads(out))
+            print(rows[-1], flush=True)
+    else:
+        rows.append(cost(args))
+        print(json.dumps(rows[-1]))
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
