@@ -42,6 +42,10 @@ def test_deploy_for_opencv_spells_floor_pooling_its_way(tmp_path, capsys):
     assert read_net(out) == read_net(ROOT / "nets" / "resnet20_cifar10_deploy.prototxt")
     capsys.readouterr()
     assert main(["deploy", str(resnet)]) == 0 and "round_mode: FLOOR" in capsys.readouterr().out
+    # A net written in OpenCV's spelling keeps it without --opencv.
+    assert main(["deploy", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ceil_mode: false" in printed and "round_mode" not in printed
 
 
 def test_zoo_check_and_list(capsys):

@@ -193,6 +193,37 @@ def test_opencv_reads_the_pruned_files_and_agrees(files, tmp_path):
     np.testing.assert_allclose(theirs.reshape(ours.shape), ours, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("spelling", ["ceil_mode: false", "round_mode: FLOOR"])
+def test_pruned_files_keep_the_inputs_pooling_spelling(tmp_path, spelling):
+    # The first hour of a real user: a net read with OpenCV's ceil_mode: false was written back as round_mode: FLOOR,
+    # which OpenCV's importer rejects at forward time.
+    model = tmp_path / "net.prototxt"
+    model.write_text(NET.replace("pool: MAX kernel_size: 2 stride: 2", f"pool: MAX kernel_size: 3 stride: 2 {spelling}"))
+    net = Net(model, seed=0)
+    with torch.no_grad():
+        for tensors in net.params.values():
+            for t in tensors:
+                t.uniform_(0.5, 1.5)
+    net.save(tmp_path / "net.caffemodel")
+    assert run_cli("--model", model, "--weights", tmp_path / "net.caffemodel", "--percent", 0.5, "--output",
+                   tmp_path / "p") == 0
+    text = (tmp_path / "p.prototxt").read_text()
+    body = "".join(l for l in text.splitlines(True) if not l.startswith("#"))
+    opencv = spelling.startswith("ceil_mode")
+    assert ("ceil_mode: false" in body) == opencv and ("round_mode: FLOOR" in body) == (not opencv)
+    assert ("OpenCV's ceil_mode spelling" in text) == opencv
+    pruned = Net(tmp_path / "p.prototxt", weights=tmp_path / "p.caffemodel")
+    assert tuple(pruned.graph.shapes["pool"][2:]) == (3, 3)   # floor rounding read back: (8 - 3) // 2 + 1, not 4
+    cv2 = pytest.importorskip("cv2")
+    if not opencv or not hasattr(cv2.dnn, "readNetFromCaffe"):
+        return
+    x = np.random.default_rng(0).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    cv = cv2.dnn.readNetFromCaffe(str(tmp_path / "p.prototxt"), str(tmp_path / "p.caffemodel"))
+    cv.setInput(x)
+    ours = pruned(torch.from_numpy(x))["fc"].detach().numpy()
+    np.testing.assert_allclose(cv.forward("fc").reshape(ours.shape), ours, rtol=1e-4, atol=1e-5)
+
+
 def test_train_test_net_keeps_its_other_phase_layers():
     text = NET.replace('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 '
                        'dim: 8 } } }', 'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 '

@@ -11,7 +11,7 @@ def register(sub):
     p.add_argument("--batch", type=int, default=1, help="batch size of the Input layer (default 1)")
     p.add_argument("--opencv", action="store_true",
                    help="write for OpenCV's importer: FLOOR pooling as its ceil_mode: false (BVLC Caffe cannot read "
-                        "that file; slim reads both)")
+                        "that file; slim reads both). Implied when the input uses that spelling")
     p.add_argument("--allow-unknown-fields", action="store_true", help="skip unknown prototxt fields with a warning")
     p.set_defaults(func=run)
 
@@ -34,13 +34,15 @@ def run(args) -> int:
     from slim.deploy import make_deploy
     from slim.errors import SlimError
     from slim.io import net_to_text, read_net, write_net
+    from slim.io.text import spells_ceil_mode
     if args.batch <= 0:
         raise SlimError(f"--batch must be positive, found {args.batch}.")
     deploy = make_deploy(read_net(args.model, allow_unknown_fields=args.allow_unknown_fields),
                          input_shapes=_shapes(args.input_shape) or None, batch=args.batch)
+    opencv = args.opencv or spells_ceil_mode(args.model)    # keep the spelling of the reader the input was made for
     if args.output:
-        write_net(deploy, args.output, opencv=args.opencv)
+        write_net(deploy, args.output, opencv=opencv)
         print(f"wrote {args.output}")
     else:
-        print(net_to_text(deploy, opencv=args.opencv), end="")
+        print(net_to_text(deploy, opencv=opencv), end="")
     return 0

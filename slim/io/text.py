@@ -34,7 +34,7 @@ from slim.io.atomic import atomic_write
 from slim.io.upgrade import _is_repeated, upgrade_net, upgrade_snapshot_prefix, upgrade_solver
 
 __all__ = ["parse_net", "read_net", "write_net", "net_to_text", "parse_solver", "read_solver", "write_solver",
-           "solver_to_text", "UnknownFieldWarning"]
+           "solver_to_text", "spells_ceil_mode", "UnknownFieldWarning"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -531,6 +531,14 @@ def parse_net(text: str, source: str = "<string>", *, allow_unknown_fields: bool
 def read_net(path: PathLike, *, allow_unknown_fields: bool = False, upgrade: bool = True) -> "pb.NetParameter":
     """Reads a net prototxt file; see parse_net. Error messages name the path."""
     return parse_net(_read_text(path), os.fspath(path), allow_unknown_fields=allow_unknown_fields, upgrade=upgrade)
+
+
+def spells_ceil_mode(path: PathLike) -> bool:
+    """Whether a net prototxt writes pooling rounding in OpenCV's ``ceil_mode`` spelling, so that a net derived from
+    it (pruned, deployed) is written the same way (``net_to_text(..., opencv=True)``) for the reader it was made
+    for."""
+    text = _read_text(path)
+    return "ceil_mode" in text and bool(_Scanner(text, pb.NetParameter.DESCRIPTOR).ceil_modes)
 
 
 def parse_solver(text: str, source: str = "<string>", *, allow_unknown_fields: bool = False) -> "pb.SolverParameter":

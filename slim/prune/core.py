@@ -56,6 +56,8 @@ class PruneResult:
         analysis: the original net's ChannelAnalysis.
         source_blobs: the original blobs (read-only views into the weights file when it was a path).
         absorb_bias: whether constants were folded against the gamma-only masked original.
+        opencv: the input prototxt wrote pooling rounding in OpenCV's ``ceil_mode`` spelling, so the pruned one is
+            written the same way (write_pruned), for the reader the input was made for.
     """
 
     net: "pb.NetParameter"
@@ -65,6 +67,7 @@ class PruneResult:
     analysis: ChannelAnalysis
     source_blobs: Mapping[str, Sequence[np.ndarray]] = dataclasses.field(repr=False, default_factory=dict)
     absorb_bias: bool = False
+    opencv: bool = False
 
     def __iter__(self) -> Iterator:
         return iter((self.net, self.blobs, self.report))
@@ -178,9 +181,12 @@ def prune_net(net: Union[str, Path, "pb.NetParameter"], weights: Weights, policy
             do not match the net.
     """
     from slim.io import CaffeModel, read_caffemodel, read_net
+    from slim.io.text import spells_ceil_mode
 
+    opencv = False
     if isinstance(net, (str, Path)):
         source = source or str(net)
+        opencv = spells_ceil_mode(net)
         net = read_net(net, allow_unknown_fields=allow_unknown_fields)
     source = source or "<net>"
     if policy is None and replay is None:
@@ -246,7 +252,8 @@ def prune_net(net: Union[str, Path, "pb.NetParameter"], weights: Weights, policy
     if lasso:
         report.reconstruction = {"layers": [dataclasses.asdict(r) for r in rebuilt.layers],
                                  "selections": rebuilt.selections, "pinned": rebuilt.pinned,
-                                 "calibration": rebuilt.calibration, "seconds": rebuilt.seconds}
+                                 "calibration": rebuilt.calibration, "seconds": rebuilt.seconds,
+                                 "passes": rebuilt.passes}
         report.warnings.extend(f"lasso keeps {layer} whole: {why}" for layer, why in rebuilt.pinned.items())
         report.warnings.extend(f"lasso did not refit {r.layer}: {r.note}" for r in rebuilt.layers if not r.refitted)
     if plan.macs is not None:
@@ -258,7 +265,7 @@ def prune_net(net: Union[str, Path, "pb.NetParameter"], weights: Weights, policy
             report.warnings.append(warning)
     for warning in report.warnings:
         _log.warning("%s: %s", source, warning)
-    return PruneResult(pruned_net, pruned, report, plan, analysis, blobs, absorb_bias)
+    return PruneResult(pruned_net, pruned, report, plan, analysis, blobs, absorb_bias, opencv)
 
 
 def _check_target(report: PruneReport, searched: float, source: str) -> None:
@@ -318,8 +325,11 @@ def write_pruned(result: PruneResult, output: Union[str, Path], report: Optional
         header = (f"# Pruned by `slim prune` from {r.model} and {r.weights}: {r.removed} of {r.prunable} prunable "
                   f"channels removed ({r.fraction:.2%}).\n"
                   f"# Report: {paths['report'].name}. Comments of the original are not carried over.\n")
+        if result.opencv:
+            header += ("# Pooling rounding in OpenCV's ceil_mode spelling, as in the original (OpenCV reads it, BVLC "
+                       "Caffe does not).\n")
         with atomic_write(temps["prototxt"], "w") as f:
-            f.write(header + net_to_text(result.net))
+            f.write(header + net_to_text(result.net, opencv=result.opencv))
         result.report.write(temps["report"])
         for key in ("caffemodel", "prototxt", "report"):
             os.replace(temps[key], paths[key])
