@@ -51,6 +51,19 @@ def _layer_percent(items):
     return out
 
 
+def _layer_widths(items):
+    out = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        try:
+            out[name] = int(value)
+        except ValueError:
+            name = ""
+        if not sep or not name:
+            raise PruneError(f"--layer-width takes LAYER=CHANNELS (conv1_1=24); got {item!r}.")
+    return out
+
+
 def _device(text: str) -> str:
     """--device cpu|cuda|cuda:N|gpu, checked against this torch build."""
     import torch
@@ -90,6 +103,8 @@ def register(sub) -> None:
                      help="one ranking over the net (default) or --percent within each group")
     how.add_argument("--layer-percent", action="append", default=[], metavar="LAYER=P",
                      help="prune the group of LAYER's output channels by its own fraction (repeatable)")
+    how.add_argument("--layer-width", action="append", default=[], metavar="LAYER=N",
+                     help="keep exactly N output channels in LAYER's group (repeatable; replays a published plan)")
     how.add_argument("--min-channels", help="keep at least N channels (or P%%) per layer; default 1, and a global "
                                             "cut that would leave a layer with one channel is refused unless given")
     how.add_argument("--max-prune-per-layer", type=float, default=1.0, metavar="F",
@@ -136,9 +151,9 @@ def run(args) -> int:
     if len(goals) > 1:
         raise PruneError(f"Give one of --percent, --target-macs, --speedup and --apply-report, not "
                          f"{' and '.join(goals)}.")
-    if not goals and not args.layer_percent:
-        raise PruneError("Say what to remove: --percent P, --target-macs M, --speedup S, --layer-percent LAYER=P or "
-                         "--apply-report REPORT (or --explain to see the channel groups).")
+    if not goals and not args.layer_percent and not args.layer_width:
+        raise PruneError("Say what to remove: --percent P, --target-macs M, --speedup S, --layer-percent LAYER=P, "
+                         "--layer-width LAYER=N or --apply-report REPORT (or --explain to see the channel groups).")
     if not args.weights:
         raise PruneError("--weights is required: the pruned channels are chosen from, and cut out of, the trained "
                          "blobs.")
@@ -149,6 +164,7 @@ def run(args) -> int:
     if replay is None:
         count, fraction = _min_channels(args.min_channels)
         policy = PrunePolicy(percent=args.percent, scope=args.policy, layer_percent=_layer_percent(args.layer_percent),
+                             layer_widths=_layer_widths(args.layer_width),
                              target_macs=parse_count(args.target_macs) if args.target_macs is not None else None,
                              speedup=args.speedup, criterion=args.criterion, tie_rule=args.tie_rule,
                              normalize=args.normalize, min_channels=count, min_fraction=fraction,

@@ -8,7 +8,7 @@ Policies (one of them per pruning):
   a Concat, so ``p`` is the fraction of these decisions that go. Ties in score are broken by group, then channel
   index, so a plan is reproducible;
 * **per layer** (``--policy layer``, ``--layer-percent NAME=P``): each group removes ``floor(n * p)`` of its own n
-  prunable channels;
+  prunable channels; ``--layer-width NAME=N`` keeps exactly N (a published per-layer plan, replayed);
 * **target** (``--target-macs M`` or ``--speedup S``): the global ranking, cut where the pruned net's conv+FC
   multiply-accumulates per image come within 1% of the target (found by bisection; the net is rewritten and its
   shapes inferred at each step). Where one more channel would jump past the target (a coarse channel), the next
@@ -50,6 +50,9 @@ class PrunePolicy:
         scope: "global" (one ranking over the net) or "layer" (each group removes its own fraction).
         layer_percent: layer name -> fraction for the group(s) holding that layer's output channels (overrides
             ``percent`` there; those groups are pruned on their own).
+        layer_widths: layer name -> the output channels its group keeps (``--layer-width conv1_1=24``: a published
+            per-layer plan, such as He et al.'s VGG-16 5x widths, replayed exactly); like ``layer_percent``, those
+            groups are pruned on their own.
         target_macs: conv+FC multiply-accumulates per image the pruned net should have (within 1%).
         speedup: original MACs / pruned MACs to reach (within 1%); an alternative to ``target_macs``.
         criterion: the importance criterion (slim.prune.importance: slimming, l1, l2, ...).
@@ -67,6 +70,7 @@ class PrunePolicy:
     percent: Optional[float] = None
     scope: str = "global"
     layer_percent: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    layer_widths: Mapping[str, int] = dataclasses.field(default_factory=dict)
     target_macs: Optional[float] = None
     speedup: Optional[float] = None
     criterion: str = "slimming"
@@ -84,9 +88,15 @@ class PrunePolicy:
                                       ("--speedup", self.speedup)) if v is not None]
         if len(goals) > 1:
             raise PruneError(f"Give one of --percent, --target-macs and --speedup, not {' and '.join(goals)}.")
-        if not goals and not self.layer_percent:
-            raise PruneError("Say how much to prune: --percent P (a fraction in [0, 1)), --target-macs M, --speedup S "
-                             "or --layer-percent LAYER=P.")
+        if not goals and not self.layer_percent and not self.layer_widths:
+            raise PruneError("Say how much to prune: --percent P (a fraction in [0, 1)), --target-macs M, --speedup S, "
+                             "--layer-percent LAYER=P or --layer-width LAYER=N.")
+        for name, w in self.layer_widths.items():
+            if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1:
+                raise PruneError(f"--layer-width {name}={w}: the width is the number of output channels to keep, a "
+                                 f"whole number of at least 1.")
+            if name in self.layer_percent:
+                raise PruneError(f"Layer {name!r} is given both --layer-percent and --layer-width; give one.")
         for name, p in [("--percent", self.percent)] + [(f"--layer-percent {k}", v)
                                                         for k, v in self.layer_percent.items()]:
             if p is not None and not (0 <= p < 1) or (p is not None and math.isnan(p)):
@@ -143,6 +153,7 @@ class PrunePolicy:
         out = dataclasses.asdict(self)
         out["normalize"] = self.normalizer
         out["layer_percent"] = dict(self.layer_percent)
+        out["layer_widths"] = {k: int(v) for k, v in self.layer_widths.items()}
         out["protect"] = list(self.protect)
         return out
 
@@ -205,20 +216,31 @@ def _eligible(analysis: ChannelAnalysis, ordered: np.ndarray, limits: np.ndarray
 
 
 def _finish(analysis: ChannelAnalysis, keep: np.ndarray, score: np.ndarray, round_to: int) -> np.ndarray:
-    """Round kept counts up to ``round_to`` and keep every blob non-empty, restoring the best removed channels."""
+    """Round kept counts up to ``round_to``, keep every blob non-empty and every group of a grouped convolution as
+    wide as the others, restoring the best removed channels (each step only restores, so the loop ends)."""
     keep = keep.copy()
     best_first = lambda ids: ids[np.lexsort((-analysis.local_of[ids], -np.nan_to_num(score[ids], nan=np.inf)))]
-    if round_to > 1:
-        for g in analysis.groups:
-            kept = int(keep[g.channels].sum())
-            want = min(g.size, -(-kept // round_to) * round_to)
-            if want > kept:
-                removed = g.channels[~keep[g.channels]]
-                keep[best_first(removed)[:want - kept]] = True
-    for channels in analysis.blob_channels.values():
-        if len(channels) and not keep[channels].any():
-            keep[best_first(np.unique(channels))[0]] = True
-    return keep
+    while True:
+        before = int(keep.sum())
+        if round_to > 1:
+            for g in analysis.groups:
+                kept = int(keep[g.channels].sum())
+                want = min(g.size, -(-kept // round_to) * round_to)
+                if want > kept:
+                    removed = g.channels[~keep[g.channels]]
+                    keep[best_first(removed)[:want - kept]] = True
+        for channels in analysis.blob_channels.values():
+            if len(channels) and not keep[channels].any():
+                keep[best_first(np.unique(channels))[0]] = True
+        for constraint in analysis.equal_counts:
+            parts = constraint.channels.reshape(constraint.parts, -1)
+            want = int(keep[parts].sum(1).max())
+            for part in parts:
+                missing = want - int(keep[part].sum())
+                if missing > 0:
+                    keep[best_first(np.unique(part[~keep[part]]))[:missing]] = True
+        if int(keep.sum()) == before:
+            return keep
 
 
 def make_plan(analysis: ChannelAnalysis, scores: ChannelScores, policy: PrunePolicy,
@@ -255,16 +277,19 @@ def make_plan(analysis: ChannelAnalysis, scores: ChannelScores, policy: PrunePol
             raise PruneError(f"--layer-percent {name}: layer {name!r} has no output channels to prune.")
         for g in groups:
             own[g.index] = p
+    counts = _width_counts(analysis, policy.layer_widths, candidates)
+    for gi in counts:
+        own[gi] = 0.0
     if policy.scope == "layer" and policy.percent is not None:
         for g in analysis.groups:
             own.setdefault(g.index, policy.percent)
 
-    # Groups with their own fraction: each removes floor(n * p) of its prunable channels.
+    # Groups with their own fraction: each removes floor(n * p) of its prunable channels (or what its width says).
     in_own = np.isin(analysis.group_of[candidates], list(own)) if own else np.zeros(len(candidates), bool)
     for gi, p in own.items():
         mine = candidates[analysis.group_of[candidates] == gi]
         ordered = _order(analysis, mine, score)
-        k = math.floor(len(mine) * p + 1e-9)
+        k = counts[gi] if gi in counts else math.floor(len(mine) * p + 1e-9)
         allowed = ordered[:min(k, int(limits[gi]))]
         remove[allowed] = True
         requested += k
@@ -296,6 +321,33 @@ def make_plan(analysis: ChannelAnalysis, scores: ChannelScores, policy: PrunePol
     if policy.guarded:
         _guard(analysis, keep, set(own), policy)
     return PrunePlan(keep, prunable, requested, macs, cut)
+
+
+def _width_counts(analysis: ChannelAnalysis, widths: Mapping[str, int], candidates: np.ndarray) -> Dict[int, int]:
+    """Group index -> channels to remove for ``--layer-width`` (its channels minus the width), checked."""
+    out: Dict[int, int] = {}
+    for name, width in widths.items():
+        try:
+            groups = analysis.group_of_layer(name)
+        except Exception:
+            raise PruneError(f"--layer-width names layer {name!r}, which is not in the net "
+                             f"{analysis.graph.source}.") from None
+        if len(groups) != 1:
+            raise PruneError(f"--layer-width {name}={width}: layer {name!r} "
+                             f"{'has no output channels to prune' if not groups else 'concatenates several groups'}; "
+                             f"give the width of the layers that produce its channels.")
+        g = groups[0]
+        free = int(np.isin(candidates, g.channels).sum())
+        fixed = g.size - free
+        if not fixed <= width <= g.size:
+            raise PruneError(f"--layer-width {name}={width}: its group has {g.size} channels, {fixed} of which may not "
+                             f"be removed ({next(iter(g.pinned.values()), 'pinned')}); give a width from "
+                             f"{max(fixed, 1)} to {g.size}.")
+        if out.get(g.index, g.size - width) != g.size - width:
+            raise PruneError(f"--layer-width gives {name!r} a width that another layer of its group (tied by a "
+                             f"residual sum or a Concat: {', '.join(g.producers[:4])}) contradicts.")
+        out[g.index] = g.size - width
+    return out
 
 
 def _guard(analysis: ChannelAnalysis, keep: np.ndarray, own: set, policy: PrunePolicy) -> None:
@@ -425,5 +477,11 @@ def plan_from_kept(analysis: ChannelAnalysis, kept: Mapping[str, Sequence[int]],
         raise PruneError(f"{source} removes a channel of group {g.index} ({', '.join(g.producers[:3])}) that may not "
                          f"be removed here: {g.pinned[int(analysis.local_of[c])]}.")
     keep[removed] = False
+    for constraint in analysis.equal_counts:
+        counts = keep[constraint.channels.reshape(constraint.parts, -1)].sum(1)
+        if len(set(counts.tolist())) > 1:
+            raise PruneError(f"{source} keeps {', '.join(map(str, counts.tolist()))} {constraint.side} channels in the "
+                             f"{constraint.parts} groups of the grouped convolution {constraint.layer!r}, which must "
+                             f"keep as many in each; the report does not fit this net.")
     prunable = int((~analysis.pinned).sum())
     return PrunePlan(keep, prunable, None, None)
