@@ -6,7 +6,7 @@ with status 2. ``assert`` is kept for internal invariants.
 """
 
 __all__ = ["SlimError", "ParseError", "NetError", "WeightsError", "SolverError", "DataError", "PruneError",
-           "OutputError", "ResourceError", "InteropError"]
+           "DecomposeError", "OutputError", "ResourceError", "InteropError"]
 
 
 class SlimError(Exception):
@@ -35,6 +35,10 @@ class DataError(SlimError):
 
 class PruneError(SlimError):
     """A pruning request cannot be carried out."""
+
+
+class DecomposeError(SlimError):
+    """A decomposition request cannot be carried out: a layer that cannot be split, a rank out of range."""
 
 
 class OutputError(SlimError):
