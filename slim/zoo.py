@@ -35,7 +35,8 @@ from slim.io.text import net_to_text
 
 __all__ = ["ZOO", "ABOUT", "ZooInfo", "VGG_CFGS", "vgg_cifar", "vgg16_imagenet", "resnet_cifar",
            "preresnet_bottleneck_cifar", "densenet_cifar", "resnet_imagenet", "mobilenet_v1", "mobilenet_v2",
-           "vgg_fashion", "resnet_fashion", "VGG7_FASHION_CFG", "FASHION_MNIST_SOURCE", "demo_digits", "zoo_header", "render_zoo", "write_zoo", "stale_zoo_files"]
+           "vgg_fashion", "resnet_fashion", "VGG7_FASHION_CFG", "FASHION_MNIST_SOURCE", "demo_digits", "zoo_header",
+           "render_zoo", "write_zoo", "stale_zoo_files"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # Data recipes
