@@ -1,0 +1,135 @@
+"""benchmarks/bench_fashion.py's quick path on a tiny MNIST-format dataset written here: the split, the rows at
+matched MACs, the outputs, the cache, and the lambda chosen on the validation split."""
+
+import csv
+import gzip
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench_fashion  # noqa: E402
+
+
+def idx_bytes(array):
+    array = np.asarray(array, np.uint8)
+    return bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def tiny_fashion(folder: Path, n_train=260, n_test=100, size=12, seed=0):
+    """Noisy images whose class is a bright 3x3 block at a class-dependent place: learnable in a few iterations.
+    12x12 rather than 28x28 keeps the test fast; the benchmark's nets follow the files' image size."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    out = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, size, size)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            row, col = 3 * (k // 4), 3 * (k % 4)
+            images[i, row:row + 3, col:col + 3] = 250
+        (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images)))
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+        out[prefix] = images, labels
+    return out
+
+
+ARGS = ["--quick", "--epochs", "1", "--finetune-epochs", "1", "--val", "60", "--train-limit", "0",
+        "--methods", "slimming", "l1", "--repeats", "2", "--threads", "1"]  # 1 thread: robust on a busy machine
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fashion")
+    source = tiny_fashion(root / "data")
+    out = root / "out"
+    assert bench_fashion.main(ARGS + ["--data", str(root / "data"), "--out", str(out), "--lambdas", "1e-3",
+                                      "1e-2"]) == 0
+    return root, source, out, json.loads((out / "results.json").read_text())
+
+
+def test_split_holds_out_validation(bench_run):
+    from slim.data.idx import read_idx
+
+    _, source, out, results = bench_run
+    train, val = (read_idx(out / "data" / f"{k}-images-idx3-ubyte") for k in ("train", "val"))
+    assert (len(train), len(val)) == (200, 60)
+    # Train and validation partition the source's training set (as multisets of images), and never touch t10k.
+    rows = lambda a: sorted(map(bytes, a.reshape(len(a), -1)))  # noqa: E731
+    assert rows(np.concatenate([train, val])) == rows(source["train"][0])
+    assert results["splits"]["test"]["count"] == 100 and results["splits"]["test"]["images"].endswith(
+        "t10k-images-idx3-ubyte.gz")
+
+
+def test_rows_match_macs_and_levels(bench_run):
+    from slim.deploy import make_deploy
+    from slim.flops import calflop
+    from slim.io import read_net
+
+    _, _, _, results = bench_run
+    rows = {(r["method"], r["level"]): r for r in results["rows"]}
+    assert set(rows) == {(m, p) for m in ("slimming", "l1") for p in (0.5, 0.7)}
+    base_macs = results["baseline"]["macs"]
+    assert base_macs < 7.34e6 / 4  # the 12x12 images' net, not the zoo's 28x28 one
+    for level in (0.5, 0.7):
+        ref, l1 = rows["slimming", level], rows["l1", level]
+        assert abs(ref["fraction"] - level) < 0.02  # a global percent over the prunable channels
+        assert abs(l1["macs"] - ref["macs"]) <= 0.01 * ref["macs"]  # the target-MACs policy, within 1%
+        assert ref["source"] == "sparse" and l1["source"] == "baseline"
+        for row in (ref, l1):
+            assert row["macs"] < base_macs and row["params"] < results["baseline"]["params"]
+            # The reported figures are those of the pruned prototxt written to disk.
+            cost = calflop(make_deploy(read_net(row["prototxt"])))
+            assert (cost.params, cost.macs("conv+fc")) == (row["params"], row["macs"])
+            assert 0 <= row["test"] <= 1 and 0 <= row["val"] <= 1
+    assert rows["slimming", 0.7]["macs"] < rows["slimming", 0.5]["macs"]
+
+
+def test_lambda_is_chosen_on_validation(bench_run):
+    _, _, _, results = bench_run
+    sel = results["selection"]
+    assert [t["lambda"] for t in sel["trials"]] == [1e-3, 1e-2] and sel["level"] == 0.7
+    best = max(sel["trials"], key=lambda t: (t["pruned_val"], -t["lambda"]))
+    assert results["lambda"] == sel["chosen"] == best["lambda"]
+    assert all("test" not in key for t in sel["trials"] for key in t)  # no test figure enters the choice
+
+
+def test_outputs(bench_run):
+    _, _, out, results = bench_run
+    table = (out / "table.md").read_text()
+    assert "| Model | Test error (%) | Parameters | Pruned | MACs (conv+FC) | Pruned |" in table
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    assert sum("channels pruned, slimming" in line for line in lines) == 2
+    assert sum("l1, same MACs as" in line for line in lines) == 2
+    with open(out / "results.csv") as f:
+        records = list(csv.DictReader(f))
+    assert len(records) == 2 + 4  # baseline, sparse, 2 methods x 2 levels (one seed)
+    lat = results["latency"]
+    assert len(lat["1"]["rows"]) == len(lat["64"]["rows"]) == 4 and min(lat["1"]["rows"]) > 0
+    assert [g["goal"] for g in results["goals"]][0].startswith("baseline")
+    pytest.importorskip("matplotlib")
+    assert (out / "accuracy_vs_macs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rerun_reuses_the_trained_models(bench_run, capsys):
+    root, _, out, results = bench_run
+    # One seed: the baseline, a sparse model per lambda, the selection's fine-tunes of slimming at 70% per lambda,
+    # then the other three rows (slimming at 70% with the chosen lambda is the selection's, reused).
+    assert results["trained_now"] == 1 + 2 + 2 + 3
+    assert bench_fashion.main(ARGS + ["--data", str(root / "data"), "--out", str(out), "--lambdas", "1e-3",
+                                      "1e-2"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["trained_now"] == 0
+    assert [r["test"] for r in again["rows"]] == [r["test"] for r in results["rows"]]
+    assert "): training" not in capsys.readouterr().out  # the log line of a training run
+
+
+def test_bad_data_folder(tmp_path, capsys):
+    assert bench_fashion.main(ARGS + ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
