@@ -77,18 +77,23 @@ def test_concat_places_groups_at_offsets_and_slice_cuts_them():
         [a.group_of[ch(a, "a")[0]]] * 2
 
 
-def test_depthwise_output_is_its_input_and_grouped_ties_positions():
+def test_depthwise_output_is_its_input_and_grouped_keeps_equal_counts():
     a = analyze(graph_of(inp(4) + conv("c1", "data", 8) + conv("dw", "c1", 8, group=8)
                          + conv("dwm", "dw", 16, group=8) + conv("g", "dwm", 6, group=2) + ip("fc", "g", 2)))
     np.testing.assert_array_equal(ch(a, "dw"), ch(a, "c1"))
     np.testing.assert_array_equal(ch(a, "dwm"), np.repeat(ch(a, "c1"), 2))     # multiplier 2: two per input
-    assert a.producers["dw"].mode == "depthwise" and a.producers["g"].mode == "positional"
-    dwm = ch(a, "dwm")
-    np.testing.assert_array_equal(dwm[:8], dwm[8:])                 # g: the j-th of both groups is one channel
+    assert a.producers["dw"].mode == "depthwise" and a.producers["g"].mode == "grouped"
+    # A grouped convolution ties nothing: its groups only keep as many channels each.
     g = ch(a, "g")
-    np.testing.assert_array_equal(g[:3], g[3:])
+    assert len(set(g.tolist())) == 6
+    constraints = {(c.layer, c.side): c for c in a.equal_counts}
+    assert set(constraints) == {("g", "input"), ("g", "output")}
+    np.testing.assert_array_equal(constraints["g", "input"].channels, ch(a, "dwm"))
+    np.testing.assert_array_equal(constraints["g", "output"].channels, g)
+    assert constraints["g", "output"].parts == 2
     weight = [s for s in a.slots_of("g") if s.side == "input"][0]
-    assert len(weight.channels) == 8                                # C_in / group positions of the weight
+    assert weight.groups == 2 and len(weight.channels) == 16       # group gi's rows read channels[gi * 8 + j]
+    assert "grouped by      g (Convolution) [as many kept in each of its 2 groups]" in a.explain()
 
 
 def test_flatten_and_innerproduct_columns_follow_c_h_w_order():
@@ -206,9 +211,10 @@ def test_real_caffe_alexnet_pins_lrn_inputs_and_ties_its_grouped_convolutions():
         pytest.skip(f"{path} is absent (the shared Caffe test nets are not beside this checkout)")
     a = analyze(build_graph(read_net(path)))
     assert a.pinned[ch(a, "conv1")].all() and a.pinned[ch(a, "conv2")].all()    # LRN across channels follows
-    assert a.producers["conv2"].mode == "positional" and not a.pinned[ch(a, "conv3")].any()
+    assert a.producers["conv2"].mode == "grouped" and not a.pinned[ch(a, "conv3")].any()
     conv4 = ch(a, "conv4")                                                          # conv5 has group 2
-    np.testing.assert_array_equal(ch(a, "conv3")[:192], ch(a, "conv3")[192:])
+    assert len(set(ch(a, "conv3").tolist())) == 384                                 # conv4 (group 2) ties nothing
+    assert {(c.layer, c.side) for c in a.equal_counts} >= {("conv4", "input"), ("conv5", "input"), ("conv5", "output")}
     assert not a.pinned[conv4].any()
 
 

@@ -209,6 +209,31 @@ def test_the_guard_lets_a_limit_or_an_explicit_floor_through():
     assert len(kept(prune_net(net, blobs, PrunePolicy(layer_percent={"c1": 0.9})))["c1"]) == 1   # asked per layer
 
 
+def test_a_grouped_convolution_loses_dead_filters_of_one_group_only_needing_equal_counts():
+    # The first hour of a real user: 12 dead conv5 filters planted in CaffeNet's group 0 were never removed, because
+    # filter j of group 0 was tied to filter j of group 1. A grouped convolution only needs as many per group.
+    text = inp(4, 6, 6) + cbs("c1", "data", 8) + (
+        'layer { name: "c2" type: "Convolution" bottom: "c1" top: "c2" convolution_param { num_output: 8 '
+        'kernel_size: 3 pad: 1 group: 2 } }\n') + fc("fc", "c2", 3)
+    net = parse_net(text)
+    blobs = synthetic_blobs(net, 6)
+    norms = np.array([0, 0, 5, 6, 7, 8, 1, 2], np.float32)                    # group 0: filters 0, 1 dead
+    blobs["c2"][0] = np.ones((8, 4, 3, 3), np.float32) * norms.reshape(8, 1, 1, 1)
+    blobs["c1/scale"][0] = np.array([0.9, 0.01, 0.8, 0.7, 0.02, 0.6, 0.5, 0.4], np.float32)
+    result = prune_net(net, blobs, PrunePolicy(layer_percent={"c2": 0.5}, criterion="l1"))
+    # Both dead filters of group 0 and the two weakest of group 1 (tied by position, 0 and 1 stayed with 4 and 5).
+    assert kept(result)["c2"] == [2, 3, 4, 5]
+    conv = next(l for l in result.net.layer if l.name == "c2").convolution_param
+    assert (conv.num_output, conv.group) == (4, 2)
+    np.testing.assert_array_equal(result.blobs["c2"][0][:, 0, 0, 0], norms[[2, 3, 4, 5]])
+    # Each group of c2 reads its own kept inputs: c1's two weakest gammas sit in different groups (1 and 4).
+    result = prune_net(net, blobs, PrunePolicy(layer_percent={"c1": 0.25}))
+    assert kept(result)["c1"] == [0, 2, 3, 5, 6, 7] and result.blobs["c2"][0].shape == (8, 3, 3, 3)
+    # When one group would lose more than the other, its best removed channels come back: as many in each.
+    result = prune_net(net, blobs, PrunePolicy(layer_percent={"c2": 0.25}, criterion="l1"))
+    assert kept(result)["c2"] == list(range(8)) and result.report.requested == 2 and "asked 2" in str(result.report)
+
+
 def _resnet56():
     path = NETS / "resnet56_cifar10_deploy.prototxt"
     if not path.exists():

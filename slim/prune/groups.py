@@ -10,9 +10,11 @@ in execution order, and follows channels through the roles:
   keep or lose a channel together;
 * a Concat on the channel axis lays its bottoms' atoms side by side (a consumer then reads several groups at their
   offsets); a Slice cuts them into ranges;
-* a grouped convolution ties input and output groups: with one input channel per group (depthwise) output channel
-  ``o`` *is* input channel ``o // (C_out / group)``, so the group itself is removed; with several, the j-th channel
-  of every group is tied to the j-th of the others, so every group keeps the same positions and ``group`` stays;
+* a grouped convolution: with one input channel per group (depthwise) output channel ``o`` *is* input channel
+  ``o // (C_out / group)``, so the group itself is removed; with several, its input and output channels stay free,
+  but every group must keep as many as the others (``group`` stays, each group reads its own kept inputs): an
+  EqualCounts constraint the plan meets by keeping back the best removed channels of the groups that lost more. (A
+  grouped Deconvolution, whose output axis is per group in its weight, still ties the j-th channel of every group);
 * a Power with scale 0 (the zero channels of an option-A shortcut) is element-wise like any other: its channel i is
   its bottom's channel i, so the Concat ``[x, 0 * x]`` holds each channel of ``x`` twice and a removal takes both.
 
@@ -40,7 +42,7 @@ from slim.errors import PruneError
 from slim.graph import NetGraph
 from slim.layers.base import ChannelRole, count
 
-__all__ = ["BlobSlot", "GroupSlot", "ProducerInfo", "ChannelGroup", "ChannelAnalysis", "analyze"]
+__all__ = ["BlobSlot", "GroupSlot", "EqualCounts", "ProducerInfo", "ChannelGroup", "ChannelAnalysis", "analyze"]
 
 # Whether a removed (silenced) channel is zero where it is read: structural, from the roles alone.
 _ZERO, _CONSTANT, _FIELD = 0, 1, 2
@@ -57,9 +59,11 @@ class BlobSlot:
         axis: the axis of that blob.
         side: "output" (a producer's filters and bias), "input" (a producer's weights by bottom channel) or
             "param" (per-channel parameters of a passthrough layer: BatchNorm statistics, Scale gamma, ...).
-        channels: the channel id of each position along the axis.
+        channels: the channel id of each position along the axis; with ``groups`` > 1, of each position in each
+            group's rows: position j read by the rows of group gi is ``channels[gi * n + j]`` (n the axis length).
         masked: zeroed to silence a removed channel in the masked original.
         factor: holds network slimming's scaling factor (Scale's gamma).
+        groups: 1, or the convolution group count of a grouped convolution's input axis (see ``channels``).
     """
 
     layer: str
@@ -70,11 +74,31 @@ class BlobSlot:
     channels: np.ndarray
     masked: bool = False
     factor: bool = False
+    groups: int = 1
+
+
+@dataclasses.dataclass
+class EqualCounts:
+    """Channels split into ``parts`` equal runs that must each keep as many: a grouped convolution's inputs or
+    outputs (``group`` cannot change, and every group has the same width).
+
+    Attributes:
+        layer: the grouped convolution.
+        side: "input" or "output".
+        channels: the channel id of each position (of the bottom or top axis 1), in order.
+        parts: the group count.
+    """
+
+    layer: str
+    side: str
+    channels: np.ndarray
+    parts: int
 
 
 @dataclasses.dataclass
 class GroupSlot:
-    """The part of a BlobSlot that belongs to one group: ``positions`` along the axis and their group channels."""
+    """The part of a BlobSlot that belongs to one group: ``positions`` along the axis and their group channels
+    (for a grouped convolution's input slot, positions into its ``channels``: see BlobSlot)."""
 
     slot: BlobSlot
     positions: np.ndarray
@@ -89,7 +113,8 @@ class ProducerInfo:
         layer: the layer name.
         index: its index in the graph.
         mode: "dense" (group 1), "depthwise" (one input channel per group: the group count follows the kept input
-            channels) or "positional" (several per group: every group keeps the same positions, group unchanged).
+            channels), "grouped" (several per group: every group keeps as many, group unchanged) or "positional"
+            (a grouped Deconvolution: every group keeps the same positions).
         group: the convolution group.
         inputs: channel ids of bottom 0 along axis 1.
         outputs: channel ids of top 0 along axis 1.
@@ -174,7 +199,7 @@ class ChannelGroup:
             f"{self.prunable} prunable" if self.pinned else "prunable")
         lines = [f"group {self.index}: {self.size} channel{'s' if self.size != 1 else ''} ({status})"]
         order = ["produced by", "normalised by", "scaled by", "shifted by", "weighted by", "carried by", "tied by",
-                 "concatenated by", "sliced by", "flattened by", "read by", "pinned by"]
+                 "concatenated by", "sliced by", "flattened by", "read by", "grouped by", "pinned by"]
         for verb in order:
             items = []
             for t in self.touches:
@@ -183,6 +208,8 @@ class ChannelGroup:
                 where = ""
                 if verb in ("read by", "concatenated by", "flattened by") and t.offset is not None:
                     where = f" [{t.offset}:{t.offset + t.positions}" + (f" of {t.total}]" if t.total else "]")
+                elif verb == "grouped by":
+                    where = f" [as many kept in each of its {t.total} groups]"
                 items.append(f"{t.layer} ({t.type}){where}")
             if verb == "carried by" and len(items) > 4:
                 items = items[:3] + [f"... {len(items) - 3} more"]
@@ -226,6 +253,7 @@ class ChannelAnalysis:
         producers: producer layer name -> ProducerInfo.
         constant_at: (reader layer, bottom id) pairs where a removed channel arrives as a foldable constant
             (after an f(0) != 0 element-wise layer): bottom positions mask.
+        equal_counts: the EqualCounts constraints of grouped convolutions.
     """
 
     graph: NetGraph
@@ -237,6 +265,7 @@ class ChannelAnalysis:
     slots: List[BlobSlot]
     producers: Dict[str, ProducerInfo]
     constant_at: Dict[Tuple[str, str], np.ndarray]
+    equal_counts: List[EqualCounts] = dataclasses.field(default_factory=list)
 
     @property
     def num_channels(self) -> int:
@@ -323,6 +352,7 @@ class _Walker:
         self.touches: List[Tuple[_Touch, np.ndarray]] = []
         self.producers: List[Tuple[ProducerInfo, np.ndarray, np.ndarray]] = []
         self.constant_at: List[Tuple[str, str, np.ndarray]] = []
+        self.equal_counts: List[Tuple[EqualCounts, np.ndarray]] = []   # constraint (channels filled later), atoms
         self.alloc_starts: List[int] = []           # first atom of each fresh allocation
 
     # -- helpers -------------------------------------------------------------------------------------------------
@@ -345,11 +375,12 @@ class _Walker:
     def touch(self, node, verb: str, atoms: np.ndarray, total: int = 0, offset: Optional[int] = None) -> None:
         self.touches.append((_Touch(node.name, node.type, verb, len(atoms), total, offset), atoms))
 
-    def slot(self, node, blob: int, axis: int, side: str, atoms: np.ndarray, masked: bool, factor: bool) -> None:
+    def slot(self, node, blob: int, axis: int, side: str, atoms: np.ndarray, masked: bool, factor: bool,
+             groups: int = 1) -> None:
         shape = node.blob_shapes[blob]
-        assert shape[axis] == len(atoms), (node.name, blob, axis, shape, len(atoms))
-        self.slots.append((BlobSlot(node.name, node.type, blob, axis, side, np.empty(0, np.int64), masked, factor),
-                           atoms))
+        assert shape[axis] * groups == len(atoms), (node.name, blob, axis, shape, len(atoms))
+        self.slots.append((BlobSlot(node.name, node.type, blob, axis, side, np.empty(0, np.int64), masked, factor,
+                                    groups), atoms))
 
     # -- the walk ------------------------------------------------------------------------------------------------
     def run(self, protect: Sequence[str]) -> None:
@@ -408,13 +439,20 @@ class _Walker:
         for other in ins[1:]:  # several bottoms share the weights: their channels line up
             self.uf.union_arrays(in_atoms, other)
         cin, cout, g = node.bottom_shapes[0][1], node.top_shapes[0][1], role.group
+        a, b = cin // g, cout // g
+        per_group_out = None
         if g > 1 and cin == g:
-            mode, a, b = "depthwise", 1, cout // g
+            mode, a = "depthwise", 1
             out_atoms = np.repeat(in_atoms, b)       # output o belongs to input channel o // b
-            per_group_out = None
+        elif g > 1 and all(node.blob_shapes[blob][axis] == cout for blob, axis in role.channel_blobs):
+            mode = "grouped"                         # free channels, as many kept in every group
+            out_atoms = self.fresh(cout)
+            for side, atoms in (("input", in_atoms), ("output", out_atoms)):
+                self.equal_counts.append((EqualCounts(node.name, side, np.empty(0, np.int64), g), atoms))
+            self.touch(node, "grouped by", in_atoms, total=g)
+            self.touch(node, "grouped by", out_atoms, total=g)
         else:
             mode = "positional" if g > 1 else "dense"
-            a, b = cin // g, cout // g
             for gi in range(1, g):                   # the j-th input of every group is one channel
                 self.uf.union_arrays(in_atoms[:a], in_atoms[gi * a:(gi + 1) * a])
             per_group_out = self.fresh(b)
@@ -432,6 +470,8 @@ class _Walker:
                 self.slot(node, blob, axis, "input", in_atoms, False, False)
             elif size == a and mode == "positional":
                 self.slot(node, blob, axis, "input", in_atoms[:a], False, False)
+            elif size == a and mode == "grouped":
+                self.slot(node, blob, axis, "input", in_atoms, False, False, groups=g)
             elif size == cin * repeat and repeat > 1:
                 self.slot(node, blob, axis, "input", np.repeat(in_atoms, repeat), False, False)
         for b_id in node.bottom_ids:
@@ -630,6 +670,10 @@ def analyze(graph: NetGraph, protect: Iterable[str] = ()) -> ChannelAnalysis:
         info.inputs, info.outputs = channel[ins], channel[outs]
         producers[info.layer] = info
     constant_at = {(layer, blob): mask for layer, blob, mask in w.constant_at}
+    equal_counts = []
+    for constraint, atoms in w.equal_counts:
+        constraint.channels = channel[atoms]
+        equal_counts.append(constraint)
 
     groups = [ChannelGroup(g, members[g], [], {}) for g in range(len(keys))]
     for c, reason in reasons.items():
@@ -647,7 +691,8 @@ def analyze(graph: NetGraph, protect: Iterable[str] = ()) -> ChannelAnalysis:
             if touch.offset is not None and where[-1] - where[0] + 1 == len(where):  # contiguous: show the range
                 offset = touch.offset + int(where[0])
             groups[g].touches.append(_Touch(touch.layer, touch.type, touch.verb, len(where), touch.total, offset))
-    return ChannelAnalysis(graph, groups, group_of, local_of, pinned, blob_channels, slots, producers, constant_at)
+    return ChannelAnalysis(graph, groups, group_of, local_of, pinned, blob_channels, slots, producers, constant_at,
+                           equal_counts)
 
 
 def _distinct(values: np.ndarray) -> List[int]:
