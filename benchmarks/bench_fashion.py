@@ -184,6 +184,21 @@ def with_data(net: "pb.NetParameter", train: Split, test: Split) -> "pb.NetParam
 
 # ----- training, evaluation, caching -------------------------------------------------------------------------------
 
+def make_solver(net: str, iters: int, lr: float, weight_decay: float, penalty: float, seed: int,
+                prefix: str) -> "pb.SolverParameter":
+    """The benchmark's solver (solvers/vgg7_fashion_*.prototxt are its full-mode settings on all 60,000 training
+    images): network slimming's recipe, SGD with momentum 0.9, ``lr`` divided by 10 at 50% and 75% of ``iters``,
+    weight decay, the sparsity penalty on the channel scaling factors when ``penalty`` is set; no test during
+    training (the benchmark evaluates afterwards) and no snapshots."""
+    param = pb.SolverParameter(net=net, base_lr=lr, lr_policy="multistep", gamma=0.1, max_iter=iters, type="SGD",
+                               momentum=0.9, weight_decay=weight_decay, display=max(1, iters // 10),
+                               average_loss=20, snapshot=0, snapshot_prefix=prefix, random_seed=seed)
+    param.stepvalue.extend([max(1, iters // 2), max(1, iters * 3 // 4)])
+    if penalty:
+        param.sparsity.penalty = penalty
+    return param
+
+
 class Runner:
     """Trains, prunes and evaluates, caching every trained model under out/models by the settings that made it."""
 
@@ -226,14 +241,8 @@ class Runner:
                 return record
         net_path = self.write_net(net, tag)
         iters = max(1, math.ceil(epochs * self.splits["train"].count / s.batch))
-        param = pb.SolverParameter(net=str(net_path), base_lr=lr, lr_policy="multistep", gamma=0.1,
-                                   max_iter=iters, type="SGD", momentum=0.9, weight_decay=s.weight_decay,
-                                   display=max(1, iters // 10), average_loss=20, snapshot=0,
-                                   snapshot_after_train=False, snapshot_prefix=str(self.out / "models" / tag),
-                                   random_seed=seed + 1)
-        param.stepvalue.extend([max(1, iters // 2), max(1, iters * 3 // 4)])
-        if penalty:
-            param.sparsity.penalty = penalty
+        param = make_solver(str(net_path), iters, lr, s.weight_decay, penalty, seed + 1, str(self.out / "models" / tag))
+        param.snapshot_after_train = False
         from slim.io import write_solver
         from slim.solver.solver import Solver
 

@@ -133,3 +133,31 @@ def test_rerun_reuses_the_trained_models(bench_run, capsys):
 def test_bad_data_folder(tmp_path, capsys):
     assert bench_fashion.main(ARGS + ["--data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_solver_files_are_the_benchmarks_settings():
+    """solvers/*_fashion_*.prototxt are the full mode's schedule on all 60,000 training images, so what a user runs
+    by hand is what the benchmark measured."""
+    import math
+
+    from slim.io import read_solver
+
+    full = bench_fashion.FULL
+    root = BENCH.parent
+    for net in ("vgg7_fashion", "resnet20_fashion"):
+        paper = 1e-4 if net.startswith("vgg") else 1e-5
+        stages = {"baseline": (full.epochs, full.base_lr, 0.0), "sparse": (full.epochs, full.base_lr, paper),
+                  "finetune": (full.finetune_epochs, full.finetune_lr, 0.0)}
+        if net == "vgg7_fashion":
+            stages["sparse_tuned"] = (full.epochs, full.base_lr, bench_fashion.QUICK.lambdas[0])
+            assert bench_fashion.QUICK.lambdas[0] in full.lambdas and paper in full.lambdas
+        for stage, (epochs, lr, penalty) in stages.items():
+            path = root / "solvers" / f"{net}_{stage}.prototxt"
+            got = read_solver(path)
+            want = bench_fashion.make_solver("x", math.ceil(epochs * 60000 / full.batch), lr, full.weight_decay,
+                                             penalty, 1, "x")
+            for field in ("base_lr", "lr_policy", "gamma", "stepvalue", "max_iter", "momentum", "weight_decay",
+                          "type", "sparsity"):
+                assert getattr(got, field) == getattr(want, field), (path.name, field)
+            assert list(got.test_iter) == [100] and got.test_interval == 938, path.name
+            assert got.net == ("pruned.prototxt" if stage == "finetune" else f"nets/{net}.prototxt")
