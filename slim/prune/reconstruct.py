@@ -269,7 +269,10 @@ def reconstruct_prune(graph: NetGraph, analysis: ChannelAnalysis, blobs: Mapping
         raise PruneError(f"{graph.source}: --criterion lasso can prune none of the channels: "
                          f"{'; '.join(f'{k}: {v}' for k, v in list(pin_reasons.items())[:5]) or 'all are pinned'}.")
     plan0 = make_plan(planning, _uniform_scores(analysis, pinned), policy, macs_of)
+    # The channels of groups still to visit count as kept until their own pass decides them: the plan has only
+    # fixed how many each keeps, not which.
     keep = plan0.keep.copy()
+    undecided = np.zeros(analysis.num_channels, bool)
 
     original, current = _nets(graph, blobs, calibration.device)
     originals = {name: [np.asarray(a, np.float32) for a in arrays] for name, arrays in blobs.items()}
@@ -292,6 +295,8 @@ def reconstruct_prune(graph: NetGraph, analysis: ChannelAnalysis, blobs: Mapping
         if int(keep[cand].sum()) < len(cand) or dirty:
             todo.append(g)
             dirty = dirty or int(keep[cand].sum()) < len(cand)
+    for g in todo:
+        undecided[analysis.groups[g].channels] = True
     progress = _Progress(calibration.progress, len(todo))
     passes: List[str] = []
     fit_b, held_b = source.num_batches
@@ -310,13 +315,15 @@ def reconstruct_prune(graph: NetGraph, analysis: ChannelAnalysis, blobs: Mapping
         t1 = time.perf_counter()
         t_stats += t1 - t0
         if n_keep < len(cand):
-            chosen, info = _select(us, stats, cand, keep, n_keep, originals, calibration, analysis)
+            chosen, info = _select(us, stats, cand, keep | undecided, n_keep, originals, calibration, analysis)
             keep[cand] = False
             keep[chosen] = True
             selections.append({"group": g, "producers": group.producers, "candidates": len(cand),
                                "planned": n_keep, "kept": len(chosen), **info})
+        undecided[group.channels] = False
         for u in us:
-            _refit(u, stats, keep, originals, live, calibration, records, step, unfit.get(u.layer, ""))
+            _refit(u, stats, keep | undecided, originals, live, calibration, records, step,
+                   unfit.get(u.layer, ""))
         for name in {u.layer for u in us}:
             with torch.no_grad():
                 for t, array in zip(current.params[name], live[name]):
