@@ -14,7 +14,7 @@ from slim.errors import SlimError
 
 __all__ = ["main", "COMMANDS"]
 
-COMMANDS = ["train", "test", "time", "prune", "pipeline", "calflop", "deploy", "zoo", "summary", "demo",
+COMMANDS = ["train", "test", "time", "prune", "decompose", "pipeline", "calflop", "deploy", "zoo", "summary", "demo",
             "convert_mnist_data"]
 
 
