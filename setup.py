@@ -21,12 +21,16 @@ setup(
     install_requires=["torch>=2.1", "protobuf>=4.25,<8", "numpy>=1.22"],
     extras_require={
         # opencv-python-headless: an independent Caffe forward oracle; 5.x removed the Caffe importer.
-        "test": ["pytest>=7", "opencv-python-headless>=4.5,<5", "pillow>=9", "lmdb>=1.0", "scikit-learn>=1.1"],
+        "test": ["pytest>=7", "opencv-python-headless>=4.5,<5", "pillow>=9", "lmdb>=1.0", "scikit-learn>=1.1",
+                 "onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.2"],
         "image": ["pillow>=9"],
         "plot": ["matplotlib>=3.5"],
         "lmdb": ["lmdb>=1.0"],
         # scikit-learn: the Gram-form LARS that --criterion lasso selects channels with (lars_path_gram, 1.1+).
         "lasso": ["scikit-learn>=1.1"],
+        # ONNX export (slim export --onnx; onnxscript for torch's default exporter) and import (slim import), and
+        # the ONNX Runtime check of both.
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.2"],
         "dev": ["grpcio-tools>=1.60"],
     },
     entry_points={"console_scripts": ["slim=slim.cli:main"]},

@@ -15,7 +15,7 @@ from slim.errors import SlimError
 __all__ = ["main", "COMMANDS"]
 
 COMMANDS = ["train", "test", "time", "prune", "decompose", "pipeline", "calflop", "deploy", "zoo", "summary", "demo",
-            "convert_mnist_data"]
+            "convert_mnist_data", "export", "import"]
 
 
 def build_parser() -> argparse.ArgumentParser:
