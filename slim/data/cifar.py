@@ -66,7 +66,7 @@ def _numpy_internal(submodule: str, name: str):
 # (ndarray itself, _reconstruct) are bounded by the unpickler: an array's data must come from the file.
 _ALLOWED = {
     ("numpy", "ndarray"): lambda u: u.ndarray,
-    ("numpy", "dtype"): lambda u: np.dtype,
+    ("numpy", "dtype"): lambda u: u.dtype,
     ("_codecs", "encode"): lambda u: _latin1_encode,
 }
 for _core in ("numpy.core", "numpy._core"):
@@ -78,14 +78,42 @@ for _core in ("numpy.core", "numpy._core"):
 _MAX_DEPTH = 64
 
 
-class _ArrayUnpickler(pickle.Unpickler):
+class _ArrayUnpickler(pickle._Unpickler):
     """Resolves only the globals of ``_ALLOWED``; an array it allocates from a shape may take at most ``limit``
-    bytes (the file's size: a genuine array's data comes from the file)."""
+    bytes (the file's size: a genuine array's data comes from the file).
+
+    Python's own unpickler (``pickle._Unpickler``, slower than the C one only on many small objects) is used because
+    its opcodes can be overridden: BUILD (``__setstate__``) is allowed on arrays and dtypes only, and a dtype's
+    state only where it is the state numpy itself writes for that dtype. Otherwise a pickle could set arbitrary
+    flags on a dtype (numpy's shared uint8 dtype included, when the copy flag is forged) or attributes on the
+    functions it is given.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file, limit: int, **kwargs):
         super().__init__(file, **kwargs)
         self.limit = limit
         self.ndarray = self.bounded_ndarray  # one bound method, so that _reconstruct can recognise it by identity
+
+    def load_build(self):
+        state, inst = self.stack[-1], self.stack[-2]
+        if isinstance(inst, np.dtype):
+            _check_dtype_state(inst, state)
+        elif not isinstance(inst, np.ndarray):
+            raise pickle.UnpicklingError(f"the pickle sets the state of a {type(inst).__name__}; only arrays and "
+                                         "dtypes may have one")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def dtype(self, spec, align=False, copy=False):
+        # Always a private copy (numpy's own pickles ask for one): a BUILD must never reach a shared dtype.
+        made = np.dtype(spec, align=bool(align), copy=True)
+        if made.hasobject:
+            raise pickle.UnpicklingError(f"the dtype {made} is that of an array of Python objects; only numeric "
+                                         "arrays are accepted")
+        return made
 
     def find_class(self, module, name):
         make = _ALLOWED.get((module, name))
@@ -116,6 +144,22 @@ class _ArrayUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"_reconstruct of {subtype!r} is not allowed")
         self._check_size(shape, dtype)
         return _numpy_internal("multiarray", "_reconstruct")(np.ndarray, shape, dtype)
+
+
+def _check_dtype_state(dtype: np.dtype, state) -> None:
+    """Accept only the state numpy writes for ``dtype`` itself (any byte order where one applies)."""
+    def plain(value):  # Python 2 pickles read with encoding='bytes' give byte strings
+        return value.decode("latin1") if isinstance(value, bytes) else value
+
+    expected = dtype.__reduce__()[2]
+    if not isinstance(state, tuple) or len(state) != len(expected):
+        raise pickle.UnpicklingError(f"the state given to dtype {dtype} is not a dtype's state")
+    for k, (got, want) in enumerate(zip(state, expected)):
+        got, want = plain(got), plain(want)
+        same = got in "<>=" and want in "<>=" if k == 1 and isinstance(got, str) and got else False
+        if not same and not (type(got) is type(want) and got == want):
+            raise pickle.UnpicklingError(f"the state given to dtype {dtype} differs from the one numpy writes for it "
+                                         f"(item {k}: {got!r}, expected {want!r})")
 
 
 def load_array_pickle(path) -> object:

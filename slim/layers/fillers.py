@@ -29,6 +29,9 @@ def _fans(shape):
     return fan_in, fan_out
 
 
+_KNOWN = ("constant", "uniform", "gaussian", "positive_unitball", "xavier", "msra", "bilinear")
+
+
 def fill(filler: "pb.FillerParameter", shape, generator, where: str = "blob"):
     """A float32 tensor of ``shape`` filled as Caffe's filler ``filler`` would fill it.
 
@@ -40,11 +43,22 @@ def fill(filler: "pb.FillerParameter", shape, generator, where: str = "blob"):
     """
     shape = tuple(shape)
     kind = filler.type
+    if kind not in _KNOWN:
+        raise NetError(f"{where}: unknown filler type {kind!r}; use constant, uniform, gaussian, positive_unitball, "
+                       f"xavier, msra or bilinear.")
+    if math.prod(shape) == 0:
+        return torch.zeros(shape)  # nothing to draw (and the fan-based scales would divide by a zero fan)
     if kind == "constant":
         return torch.full(shape, filler.value, dtype=torch.float32)
     if kind == "uniform":
+        if not (math.isfinite(filler.min) and math.isfinite(filler.max) and filler.min <= filler.max):
+            raise NetError(f"{where}: the uniform filler needs finite min <= max, found min {filler.min} and max "
+                           f"{filler.max}.")
         return torch.empty(shape).uniform_(filler.min, filler.max, generator=generator)
     if kind == "gaussian":
+        if not (math.isfinite(filler.mean) and math.isfinite(filler.std) and filler.std >= 0):
+            raise NetError(f"{where}: the gaussian filler needs a finite mean and a finite std >= 0, found mean "
+                           f"{filler.mean} and std {filler.std}.")
         out = torch.empty(shape).normal_(filler.mean, filler.std, generator=generator)
         if filler.sparse >= 0:
             # Caffe: each weight is kept with probability sparse / num_outputs (num_outputs = shape[0]).
@@ -76,8 +90,7 @@ def fill(filler: "pb.FillerParameter", shape, generator, where: str = "blob"):
         w1 = 1 - (idx / f - c).abs()
         kernel = (w1[:, None] * w1[None, :]).to(torch.float32)
         return kernel.expand(shape).contiguous()
-    raise NetError(f"{where}: unknown filler type {kind!r}; use constant, uniform, gaussian, positive_unitball, "
-                   f"xavier, msra or bilinear.")
+    raise AssertionError(f"filler {kind!r} is in _KNOWN but not handled")
 
 
 def fill_weight_and_bias(param, shapes, generator, where: str) -> list:

@@ -101,8 +101,8 @@ def check_prefix(prefix: str, iter: int, source: str, snapshot_bytes: int = 0) -
     free = shutil.disk_usage(folder).free
     if snapshot_bytes > free:
         raise OutputError(f"{source}: a snapshot (caffemodel and solverstate) takes about "
-                          f"{format_bytes(snapshot_bytes)}, but the folder {folder} of snapshot_prefix \"{prefix}\" has "
-                          f"{format_bytes(free)} free. Free space there or change snapshot_prefix.")
+                          f"{format_bytes(snapshot_bytes)}, but the folder {folder} of snapshot_prefix \"{prefix}\" "
+                          f"has {format_bytes(free)} free. Free space there or change snapshot_prefix.")
 
 
 def _snapshot_name_regex(prefix: str) -> str:
