@@ -237,3 +237,16 @@ layer { name: "up" type: "Deconvolution" bottom: "conv1" top: "up"
     net = parse_net(text)
     with pytest.warns(UserWarning), pytest.raises(PruneError, match="Deconvolution"):
         prune_net(net, random_blobs(net), PrunePolicy(percent=0.5, criterion="lasso"), calibration=calibration(text))
+
+
+def test_explain_says_what_lasso_cannot_do(tmp_path, capsys):
+    text = inp() + cbr("conv1", "data", 6) + cbr("conv2", "conv1", 6) + """
+layer { name: "up" type: "Deconvolution" bottom: "conv2" top: "up"
+        convolution_param { num_output: 4 kernel_size: 2 stride: 2 weight_filler { type: "msra" } } }
+""" + ip("fc", "up", 3)
+    (tmp_path / "n.prototxt").write_text(text)
+    assert main(["prune", "--model", str(tmp_path / "n.prototxt"), "--explain", "--criterion", "lasso",
+                 "--calib-images", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "lasso keeps conv2's output channels whole: its channels are read by 'up'" in out
+    assert "lasso selects fc's inputs but cannot refit it" in out and "raise --calib-images" in out

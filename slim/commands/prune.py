@@ -144,6 +144,12 @@ def run(args) -> int:
         net = read_net(args.model, allow_unknown_fields=args.allow_unknown_fields)
         analysis = analyze(build_graph(net, args.phase, source=args.model), args.protect)
         print(analysis.explain())
+        if args.criterion == "lasso":
+            from slim.prune.calibrate import Calibration
+            from slim.prune.reconstruct import explain_lasso
+            cal = Calibration(images=args.calib_images, samples_per_image=args.samples_per_image)
+            cal.check()
+            print("\n".join(explain_lasso(analysis.graph, analysis, cal)))
         return 0
     goals = [flag for flag, value in (("--percent", args.percent), ("--target-macs", args.target_macs),
                                       ("--speedup", args.speedup), ("--apply-report", args.apply_report))

@@ -78,6 +78,12 @@ class Calibration:
         if not self.ridge >= 0:
             raise PruneError(f"The least-squares ridge must be non-negative; got {self.ridge}.")
 
+    @property
+    def split(self) -> Tuple[int, int]:
+        """(images fitted on, images held out): the last ``holdout`` of them, at least one, are held out."""
+        held = max(1, int(round(self.images * self.holdout)))
+        return self.images - held, held
+
     def describe(self) -> Dict[str, object]:
         out = dataclasses.asdict(self)
         out["net"] = None if self.net is None else (str(self.net) if isinstance(self.net, (str, Path)) else
@@ -133,11 +139,10 @@ class CalibrationSource:
             shape = self.source.top_shapes[0]
         self.batch_size = int(shape[0])
         self.shape = tuple(int(d) for d in shape[1:])
-        n = calibration.images
-        held = max(1, int(round(n * calibration.holdout)))
-        self.fit_images, self.held_images = n - held, held
+        self.fit_images, self.held_images = calibration.split
         if self.fit_images < 1:
-            raise PruneError(f"--calib-images {n} leaves no image to fit on after holding out {held}; give more.")
+            raise PruneError(f"--calib-images {calibration.images} leaves no image to fit on after holding out "
+                             f"{self.held_images}; give more.")
 
     @classmethod
     def open(cls, net: "pb.NetParameter", source: str, calibration: Calibration) -> "CalibrationSource":

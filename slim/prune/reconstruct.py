@@ -45,7 +45,8 @@ from slim.prune.lasso import (channel_gram, expand, least_squares, relative_erro
                               unexplained)
 from slim.prune.plan import PrunePlan, PrunePolicy, make_plan
 
-__all__ = ["LayerReconstruction", "ReconstructionResult", "reconstruct_prune", "lasso_feasibility"]
+__all__ = ["LayerReconstruction", "ReconstructionResult", "reconstruct_prune", "lasso_feasibility",
+           "explain_lasso"]
 
 
 @dataclasses.dataclass
@@ -116,12 +117,12 @@ def _uniform_scores(analysis: ChannelAnalysis, pinned: np.ndarray) -> ChannelSco
     return ChannelScores("lasso", "union", score, (~np.isnan(score)).astype(np.int64), scored, score[scored])
 
 
-def _fit_rows(unit: ReaderUnit, source: CalibrationSource, calibration: Calibration) -> int:
+def _fit_rows(unit: ReaderUnit, calibration: Calibration) -> int:
     per_image = 1 if unit.kind == "fc" else calibration.samples_per_image
-    return source.fit_images * per_image
+    return calibration.split[0] * per_image
 
 
-def lasso_feasibility(graph: NetGraph, analysis: ChannelAnalysis, source: CalibrationSource,
+def lasso_feasibility(graph: NetGraph, analysis: ChannelAnalysis,
                       calibration: Calibration) -> Tuple[List[ReaderUnit], Dict[str, str], Dict[str, str]]:
     """The reader units, the layers lasso cannot use, and those it can select for but not refit.
 
@@ -134,7 +135,7 @@ def lasso_feasibility(graph: NetGraph, analysis: ChannelAnalysis, source: Calibr
     units, blocked = reader_units(graph, analysis)
     unfit: Dict[str, str] = {}
     for u in units:
-        rows = _fit_rows(u, source, calibration)
+        rows = _fit_rows(u, calibration)
         stats_bytes = 2 * 8 * (u.dim + 1) * (u.dim + 1 + (u.rows.stop - u.rows.start))
         if stats_bytes > calibration.max_stats_bytes:
             blocked[u.layer] = (f"its statistics ({u.dim:,} inputs) would take {stats_bytes / 2**30:.1f} GiB, "
@@ -144,6 +145,19 @@ def lasso_feasibility(graph: NetGraph, analysis: ChannelAnalysis, source: Calibr
             unfit[u.layer] = (f"it reads {u.dim:,} values per output and the calibration gives {rows:,} samples "
                               f"({per}); its least squares needs at least {u.dim + 1:,} (raise --calib-images)")
     return units, blocked, unfit
+
+
+def explain_lasso(graph: NetGraph, analysis: ChannelAnalysis, calibration: Calibration) -> List[str]:
+    """What ``--criterion lasso`` could not do on this net with these calibration settings, line by line (for
+    ``slim prune --explain --criterion lasso``; no data is read)."""
+    units, blocked, unfit = lasso_feasibility(graph, analysis, calibration)
+    _, pins = _pin_unreconstructable(analysis, units, blocked)
+    fit, held = calibration.split
+    lines = [f"lasso: {len({u.layer for u in units})} layers read channels and can be refitted by least squares; "
+             f"{fit} calibration images to fit, {held} held out, {calibration.samples_per_image} samples per image"]
+    lines += [f"lasso keeps {layer}'s output channels whole: {why}" for layer, why in pins.items()]
+    lines += [f"lasso selects {layer}'s inputs but cannot refit it: {why}" for layer, why in unfit.items()]
+    return lines
 
 
 def _pin_unreconstructable(analysis: ChannelAnalysis, units: List[ReaderUnit], blocked: Mapping[str, str]) \
@@ -255,7 +269,7 @@ def reconstruct_prune(graph: NetGraph, analysis: ChannelAnalysis, blobs: Mapping
                          f"reads {image_top!r} as {tuple(data_tops[image_top][1:])}; calibrate on data of the net's "
                          f"input shape (--calib-net).")
 
-    units, blocked, unfit = lasso_feasibility(graph, analysis, source, calibration)
+    units, blocked, unfit = lasso_feasibility(graph, analysis, calibration)
     if unfit:
         warnings.warn(f"--criterion lasso cannot refit {', '.join(unfit)}: {next(iter(unfit.values()))}. Their kept "
                       f"weights are sliced instead (the report says so).", stacklevel=3)
