@@ -404,3 +404,25 @@ def test_set_mode_gpu_without_cuda_is_a_clear_error(monkeypatch):
     with pytest.raises(SlimError, match="torch sees no CUDA device"):
         caffe.set_mode_gpu()
     caffe.set_mode_cpu()
+
+
+@pytest.mark.parametrize("loss_type, target_gets_diff", [("EuclideanLoss", True), ("SigmoidCrossEntropyLoss", False)])
+def test_force_backward_reaches_the_bottoms_caffe_allows(tmp_path, loss_type, target_gets_diff):
+    # Caffe's LossLayer never sends a gradient to bottom 1 (the label), even under force_backward; EuclideanLoss
+    # allows it: its target's diff is -(a - b) / N.
+    text = f"""
+force_backward: true
+layer {{ name: "in" type: "Input" top: "a" top: "b" input_param {{ shape {{ dim: 2 dim: 3 }} }} }}
+layer {{ name: "loss" type: "{loss_type}" bottom: "a" bottom: "b" top: "loss" }}
+"""
+    net = caffe.Net(write(tmp_path, text), caffe.TRAIN)
+    a = np.array([[0.5, -1, 2], [1, 0, -0.5]], np.float32)
+    b = np.array([[1, 0, 1], [0, 1, 0]], np.float32)
+    net.forward(a=a, b=b)
+    diffs = net.backward()
+    if target_gets_diff:
+        close(diffs["a"], (a - b) / 2)
+        close(diffs["b"], -(a - b) / 2)
+    else:
+        close(diffs["a"], (1 / (1 + np.exp(-a)) - b) / 2)       # sigmoid(a) - t over the batch size
+        assert not diffs["b"].any()

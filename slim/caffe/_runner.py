@@ -7,9 +7,11 @@ model over slim's layers (the registry's forwards, the same code ``slim.Net`` ru
 
 * one data and one diff buffer per blob name, in Caffe's blob order. An in-place layer reads and writes the same
   buffers, so after a forward a name holds its last version, as Caffe's in-place blobs do;
-* forward runs layers start..end: each reads its bottoms from the buffers, runs its torch forward and copies its
-  tops into the buffers. A layer that takes part in backward keeps its bottoms and tops (a small autograd graph of
-  its own) until the next forward;
+* forward runs layers start..end: each reads its bottoms from the buffers, runs its torch forward, and its tops
+  become the buffers of their names (nothing is copied: a Flatten's or Split's top shares its bottom's memory, as
+  Caffe's ShareData does; a data layer's tops are copied, so writes never reach its dataset). A layer that takes
+  part in backward keeps its bottoms and tops (a small autograd graph of its own) until the next forward. A blob
+  written between forward and backward is what backward reads, as in Caffe;
 * backward runs layers start..end in reverse: each takes its tops' diffs from the buffers, writes its bottoms' diffs
   (the first writer of a blob version overwrites, later ones add: the sum Caffe's Split layers form for a blob with
   several consumers) and adds its parameters' gradients to their ``.grad`` (Caffe accumulates param diffs until
@@ -70,14 +72,12 @@ class LayerRunner:
         """Fresh buffers in the graph's shapes (the blobs named in ``keep`` keep theirs), loss diffs at their weight."""
         names: List[str] = []
         shapes: Dict[str, tuple] = {}
-        self._final: Dict[str, str] = {}
         self.loss_weights: Dict[str, float] = {}
         for node in self.graph.layers:
             for t, tid, w in zip(node.tops, node.top_ids, node.loss_weights):
                 if t not in shapes:
                     names.append(t)
                 shapes[t] = tuple(self.graph.shapes[tid])
-                self._final[t] = tid
                 self.loss_weights[t] = float(w)
         self.names = names
         device = self.device
@@ -100,20 +100,13 @@ class LayerRunner:
         self.data[name] = torch.zeros(shape, device=self.device)
         self.diff[name] = torch.zeros(shape, device=self.device)
 
-    def _write(self, name: str, top: torch.Tensor) -> None:
-        buf = self.data[name]
-        top = top.detach().to(buf.device)
-        if tuple(buf.shape) != tuple(top.shape):
-            self.data[name] = top.to(torch.float32, copy=True).contiguous()
-            if tuple(self.diff[name].shape) != tuple(top.shape):
-                self.diff[name] = torch.full(tuple(top.shape), self.loss_weights[name], device=top.device)
-            return
-        if top.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr():
-            if top.data_ptr() == buf.data_ptr() and top.stride() == buf.stride():
-                return                      # an identity in place: the buffer already holds it
-            top = top.clone()
-        # Through .data, as a write by the user: a later layer's saved forward reads the new values (Caffe's blobs).
-        buf.data.copy_(top)
+    def _write(self, name: str, top: torch.Tensor, copy: bool = False) -> None:
+        """``top`` becomes blob ``name``'s data (a copy when ``copy``); its diff keeps its memory unless the shape
+        changed."""
+        top = top.detach().to(self.device, torch.float32)
+        self.data[name] = top.clone() if copy else top
+        if tuple(self.diff[name].shape) != tuple(top.shape):
+            self.diff[name] = torch.full(tuple(top.shape), self.loss_weights[name], device=top.device)
 
     # ----- shapes ----------------------------------------------------------------------------------------------
     def reshape(self) -> None:
@@ -208,11 +201,9 @@ class LayerRunner:
             self.reshape()
 
     def _bottom(self, node, j: int) -> torch.Tensor:
-        name, bid = node.bottoms[j], node.bottom_ids[j]
-        x = self.data[name].detach()
-        if bid != self._final[name]:
-            x = x.clone()       # a later in-place layer overwrites this buffer before backward reads it
-        return x.requires_grad_(self.bottom_need[node.index][j])
+        # A leaf of this layer's own graph, sharing the blob's memory. An in-place layer after it replaces the
+        # blob's buffer instead of writing into it, so the values saved here stay those this layer read.
+        return self.data[node.bottoms[j]].detach().requires_grad_(self.bottom_need[node.index][j])
 
     def forward(self, start: int, end: int) -> float:
         """Run layers ``start``..``end`` (indices, inclusive); returns the weighted loss of the loss tops computed."""
@@ -240,7 +231,7 @@ class LayerRunner:
                 with torch.no_grad():
                     tops = layer.forward(blobs, [self.data[b] for b in node.bottoms])
             for name, top in zip(node.tops, tops):
-                self._write(name, top)
+                self._write(name, top, copy=layer.is_data)
             for top, w in zip(tops, node.loss_weights):
                 if w:
                     loss += w * float(top.detach().sum())

@@ -156,8 +156,9 @@ class Function:
 
 
 class NetSpec:
-    """Named tops of a net under construction: ``n.name = L.Type(...)`` names the top; ``to_proto()`` builds the
-    NetParameter of every layer reachable from the named tops, in dependency order."""
+    """Named tops of a net under construction: ``n.name = L.Type(...)`` names the top (or, for a layer made with
+    ``ntop=0``, the layer); ``to_proto()`` builds the NetParameter of every layer reachable from them, each after the
+    layers it reads."""
 
     def __init__(self) -> None:
         super().__setattr__("tops", OrderedDict())
@@ -192,8 +193,9 @@ class NetSpec:
         autonames: Counter = Counter()
         layers: "OrderedDict[Function, caffe_pb2.LayerParameter]" = OrderedDict()
         for top in self.tops.values():
-            if not isinstance(top, Top):
-                raise NetError(f"NetSpec: {names.get(top, top)!r} is a {type(top).__name__}, not a layer's top.")
+            if not isinstance(top, (Top, Function)):     # a Function: a layer made with ntop=0 (Silence)
+                raise NetError(f"NetSpec: {names.get(top, top)!r} is a {type(top).__name__}, not a layer or its "
+                               f"top.")
             top._to_proto(layers, names, autonames)
         net = caffe_pb2.NetParameter()
         net.layer.extend(layers.values())

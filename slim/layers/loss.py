@@ -51,8 +51,16 @@ class Softmax(Layer):
         return count(self.bottom_shapes[0]) * 3
 
 
+def _label_stays(index: int) -> bool:
+    """Caffe's LossLayer::AllowForceBackward: even under force_backward the label (bottom 1) gets no gradient."""
+    return index != 1
+
+
 class _ClassifierLoss(Layer):
     num_bottoms = (2, 2)
+
+    def allow_force_backward(self, index: int) -> bool:
+        return _label_stays(index)
 
     def _split_axes(self, axis_field):
         scores, labels = self.bottom_shapes
@@ -186,6 +194,9 @@ class SigmoidCrossEntropyLoss(Layer):
     type = "SigmoidCrossEntropyLoss"
     num_bottoms = (2, 2)
     is_loss = True
+
+    def allow_force_backward(self, index: int) -> bool:
+        return _label_stays(index)
 
     def setup(self):
         a, b = self.bottom_shapes
