@@ -158,3 +158,15 @@ def test_a_solver_message_type_field(tmp_path):
     # caffe_pb2 is slim's schema: a SolverParameter made through it is what slim reads.
     from slim.caffe.proto import caffe_pb2
     assert caffe_pb2.SolverParameter is pb.SolverParameter and caffe_pb2.TRAIN == caffe.TRAIN == 0
+
+
+def test_param_diffs_after_a_step_hold_the_step_taken(tmp_path):
+    # Caffe's ComputeUpdateValue writes the update into each param's diff, and Net::Update subtracts it.
+    s = caffe.SGDSolver(solver_file(tmp_path))
+    s.step(1)
+    before = {k: [b.data.copy() for b in v] for k, v in s.net.params.items()}
+    s.step(1)
+    for name, blobs in s.net.params.items():
+        for i, blob in enumerate(blobs):
+            if s.net.slim_net.graph.layer(name).blob_specs[i].lr_mult:
+                np.testing.assert_allclose(blob.diff, before[name][i] - blob.data, rtol=1e-4, atol=1e-7)

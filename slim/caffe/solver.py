@@ -86,6 +86,7 @@ class Solver:
         self.net = Net._wrap(self.slim_solver.net, solver_owned=True)
         self.test_nets: List[Net] = [Net._wrap(n, solver_owned=True) for n in self.slim_solver.test_nets]
         self.slim_solver.passes = _Passes(self.net)
+        self.slim_solver.rule.keep_steps = True     # after an update a param's diff is its step, as in Caffe
 
     @property
     def iter(self) -> int:

@@ -129,6 +129,9 @@ class UpdateRule:
 
     type: ClassVar[str] = ""
     history_per_param: ClassVar[int] = 1
+    # Leave each param's step in its .grad after the update, as Caffe's ComputeUpdateValue leaves it in the diff
+    # (the pycaffe facade sets it, so ``param.diff`` after a step is what Caffe shows); else .grad is scratch.
+    keep_steps: bool = False
 
     def __init__(self, solver: pb.SolverParameter, params: Sequence[LearnableParamLike],
                  source: str = "the solver") -> None:
@@ -231,8 +234,9 @@ class UpdateRule:
         """One weight update, in ``SGDSolver::ApplyUpdate``'s order (see the module docstring).
 
         Call it after the gradients of all ``iter_size`` passes are summed in ``.grad`` (and, with several
-        processes, averaged; with mixed precision, unscaled). Afterwards ``.grad`` holds scratch values; zero
-        it before the next iteration's passes, as Caffe's ``ClearParamDiffs``.
+        processes, averaged; with mixed precision, unscaled). Afterwards ``.grad`` holds scratch values (the
+        step subtracted, with :attr:`keep_steps`); zero it before the next iteration's passes, as Caffe's
+        ``ClearParamDiffs``.
 
         Params are processed in chunks (all steps for one chunk, then the next), which gives the same result
         as Caffe's param-by-param loop because after clipping each param's update depends on that param alone.
@@ -265,6 +269,8 @@ class UpdateRule:
                     hook(c.tensors)
                 steps = self._compute(c, gs, _f32(rate * c.lr_mult), iter)
                 torch._foreach_sub_(c.tensors, steps)
+                if self.keep_steps:
+                    torch._foreach_copy_(gs, steps)
 
     def _clip(self, grads: list[torch.Tensor]) -> None:
         # The norm is of the summed gradient over all params, before 1/iter_size and weight decay.
