@@ -26,6 +26,9 @@ setup(
         "image": ["pillow>=9"],
         "plot": ["matplotlib>=3.5"],
         "lmdb": ["lmdb>=1.0"],
+        # slim.caffe (pycaffe on slim): HDF5 weights (net.save_hdf5 / load_hdf5) and drawing nets (caffe.draw).
+        "hdf5": ["h5py>=3.0"],
+        "draw": ["pydot>=1.4"],
         # scikit-learn: the Gram-form LARS that --criterion lasso selects channels with (lars_path_gram, 1.1+).
         "lasso": ["scikit-learn>=1.1"],
         # ONNX export (slim export --onnx; onnxscript for torch's default exporter) and import (slim import), and
