@@ -51,6 +51,13 @@ def _latin1_encode(text, encoding="latin1"):
     return codecs.encode(text, "latin1")
 
 
+def _empty_bytes(*args):
+    # Protocol-2 pickles written by Python 3 spell an empty bytes object as bytes(); bytes(n) would allocate n.
+    if args:
+        raise pickle.UnpicklingError("bytes() with arguments is not allowed")
+    return b""
+
+
 def _numpy_internal(submodule: str, name: str):
     # numpy 2 moved numpy.core to numpy._core; old names still import there, with a deprecation warning.
     for package in ("numpy._core", "numpy.core"):
@@ -68,6 +75,8 @@ _ALLOWED = {
     ("numpy", "ndarray"): lambda u: u.ndarray,
     ("numpy", "dtype"): lambda u: u.dtype,
     ("_codecs", "encode"): lambda u: _latin1_encode,
+    ("__builtin__", "bytes"): lambda u: _empty_bytes,
+    ("builtins", "bytes"): lambda u: _empty_bytes,
 }
 for _core in ("numpy.core", "numpy._core"):
     _ALLOWED[(f"{_core}.multiarray", "_reconstruct")] = lambda u: u.bounded_reconstruct
@@ -154,6 +163,9 @@ def _check_dtype_state(dtype: np.dtype, state) -> None:
     expected = dtype.__reduce__()[2]
     if not isinstance(state, tuple) or len(state) != len(expected):
         raise pickle.UnpicklingError(f"the state given to dtype {dtype} is not a dtype's state")
+    if len(state) > 4 and (state[2] is not None or state[3] is not None):  # (version, order, subarray, names, ...)
+        raise pickle.UnpicklingError("the pickle holds a structured or sub-array dtype; only plain numeric arrays are "
+                                     "accepted")
     for k, (got, want) in enumerate(zip(state, expected)):
         got, want = plain(got), plain(want)
         same = got in "<>=" and want in "<>=" if k == 1 and isinstance(got, str) and got else False
