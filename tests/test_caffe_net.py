@@ -155,7 +155,7 @@ def test_python_layer_is_refused(tmp_path):
     assert "Python" not in caffe.layer_type_list() and "Convolution" in caffe.layer_type_list()
 
 
-# ----- forward and backward against slim's own Net ---------------------------------------------------------------------
+# ----- forward and backward against slim's own Net -----------------------------------------------------------------
 @pytest.mark.parametrize("force_backward", [False, True])
 def test_forward_backward_equal_slim_and_autograd(tmp_path, force_backward):
     path, net = conv_net(tmp_path, force_backward)

@@ -110,7 +110,7 @@ def test_draw_makes_dot_text_and_needs_a_renderer(tmp_path, monkeypatch):
         draw.net_to_dot(net, "UP")
     monkeypatch.setitem(sys.modules, "pydot", None)
     monkeypatch.setitem(sys.modules, "graphviz", None)
-    with pytest.raises(SlimError, match="pip install pydot"):
+    with pytest.raises(SlimError, match=r"pip install slim\[draw\]"):
         draw.draw_net_to_file(net, str(tmp_path / "net.png"))
     with pytest.raises(SlimError, match="needs the optional pydot"):
         draw.get_pydot_graph(net, "LR")

@@ -19,7 +19,8 @@ def _h5py():
         import h5py
     except ImportError:
         raise SlimError("HDF5 weights need the optional h5py package, which is not installed; run "
-                        "`pip install h5py`, or save and load .caffemodel files (net.save, net.copy_from).") from None
+                        "`pip install slim[hdf5]` (or `pip install h5py`), or save and load .caffemodel files "
+                        "(net.save, net.copy_from).") from None
     return h5py
 
 

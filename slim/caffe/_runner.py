@@ -155,8 +155,8 @@ class LayerRunner:
         for node in layers:
             lp = node.param
             if lp.propagate_down and len(lp.propagate_down) != len(node.bottoms):
-                raise NetError(f"{self.graph.source}: layer {node.name!r} gives {len(lp.propagate_down)} propagate_down "
-                               f"values for {len(node.bottoms)} bottoms; give none or one per bottom.")
+                raise NetError(f"{self.graph.source}: layer {node.name!r} gives {len(lp.propagate_down)} "
+                               f"propagate_down values for {len(node.bottoms)} bottoms; give none or one per bottom.")
             need = False
             bottoms = []
             for j, bid in enumerate(node.bottom_ids):

@@ -79,7 +79,7 @@ def get_pydot_graph(caffe_net, rankdir: str, label_edges: bool = True, phase: Op
     try:
         import pydot
     except ImportError:
-        raise SlimError("caffe.draw.get_pydot_graph needs the optional pydot package; run `pip install pydot` "
+        raise SlimError("caffe.draw.get_pydot_graph needs the optional pydot package; run `pip install slim[draw]` "
                         "(drawing also needs Graphviz's dot program), or use caffe.draw.net_to_dot for the "
                         "DOT text.") from None
     return pydot.graph_from_dot_data(net_to_dot(caffe_net, rankdir, label_edges, phase))[0]
@@ -103,8 +103,8 @@ def draw_net(caffe_net, rankdir: str, ext: str = "png", phase: Optional[int] = N
             import graphviz
         except ImportError:
             raise SlimError("caffe.draw needs the optional pydot or graphviz package to draw; run `pip install "
-                            "pydot` (and install Graphviz's dot program), or use caffe.draw.net_to_dot for the DOT "
-                            "text.") from None
+                            "slim[draw]` (and install Graphviz's dot program), or use caffe.draw.net_to_dot for the "
+                            "DOT text.") from None
         return graphviz.Source(dot).pipe(format=ext)
     except SlimError:
         raise
