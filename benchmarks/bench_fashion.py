@@ -131,7 +131,8 @@ def prepare_data(source: str, out: Path, settings: Settings) -> Dict[str, Split]
     folder.mkdir(parents=True, exist_ok=True)
     stamp = folder / "split.json"
     names = {k: (folder / f"{k}-images-idx3-ubyte", folder / f"{k}-labels-idx1-ubyte") for k in ("train", "val")}
-    if not stamp.is_file() or json.loads(stamp.read_text()).get("spec") != spec:
+    written = all(path.is_file() for pair in names.values() for path in pair)
+    if not written or not stamp.is_file() or json.loads(stamp.read_text()).get("spec") != spec:
         full = load_idx(*train_pair, where=where)
         if settings.val_count >= full.num_samples:
             raise SlimError(f"--val {settings.val_count} leaves no training images of the {full.num_samples} in "

@@ -328,6 +328,12 @@ def vgg16_imagenet(num_classes: int = 1000) -> pb.NetParameter:
     return b.net
 
 
+# The Fashion-MNIST nets train for a few thousand iterations (fine-tuning for a few hundred), where Caffe's
+# moving_average_fraction of 0.999 averages the BatchNorm statistics over most of the run, stale weights included:
+# measured on vgg7_fashion after 938 iterations, test accuracy 81.5% with those statistics against 86.1% with the
+# test batches' own. 0.99 averages about the last hundred batches.
+_FASHION_BN_FRACTION = 0.99
+
 #: The Fashion-MNIST VGG's convolution widths: 28x28 -> 14x14 -> 7x7, two 3x3 convolutions per stage.
 VGG7_FASHION_CFG: List[Union[int, str]] = [16, 16, "M", 32, 32, "M", 64, 64]
 
@@ -338,10 +344,12 @@ def vgg_fashion(cfg: Sequence[Union[int, str]] = tuple(VGG7_FASHION_CFG), num_cl
     Network slimming's VGG recipe (Liu et al. 2017) at small scale: 3x3 convolutions with BatchNorm + Scale (factors
     starting at 0.5, as the paper's code) in three stages of 16, 32 and 64 channels separated by 2x2 max poolings,
     then global average pooling and one InnerProduct. 7.3M conv+FC multiply-accumulates per image (`slim calflop`).
+    BatchNorm's moving_average_fraction is 0.99 (see `_FASHION_BN_FRACTION`).
     """
     b = _Builder(f"VGG{sum(1 for v in cfg if v != 'M') + 1}_FashionMNIST")
     x = b.fashion_data()
-    x = _vgg_features(b, x, cfg, batch_norm=True, gamma=0.5, final_pool=False)
+    x = _vgg_features(b, x, cfg, batch_norm=True, gamma=0.5, final_pool=False,
+                      moving_average_fraction=_FASHION_BN_FRACTION)
     x = b.pool("pool", x, pb.PoolingParameter.AVE, global_pool=True)
     x = b.fc("fc", x, num_classes)
     b.loss(x)
@@ -381,18 +389,21 @@ def resnet_cifar(depth: int = 20, num_classes: int = 10) -> pb.NetParameter:
 
 def resnet_fashion(depth: int = 20, num_classes: int = 10) -> pb.NetParameter:
     """He et al.'s CIFAR ResNet-(6n+2) (see `resnet_cifar`) on 28x28 grey Fashion-MNIST: stages at 28x28, 14x14 and
-    7x7 (the option-A subsampling rounds down, as the strided convolutions do)."""
+    7x7 (the option-A subsampling rounds down, as the strided convolutions do). BatchNorm's moving_average_fraction
+    is 0.99, as vgg_fashion's."""
     if depth < 8 or (depth - 2) % 6:
         raise NetError(f"A CIFAR-style ResNet has depth 6n+2 (8, 14, 20, ...); got {depth}.")
     b = _Builder(f"ResNet{depth}_FashionMNIST")
-    return _resnet_basic(b, b.fashion_data(), depth, num_classes)
+    return _resnet_basic(b, b.fashion_data(), depth, num_classes, _FASHION_BN_FRACTION)
 
 
-def _resnet_basic(b: _Builder, x: str, depth: int, num_classes: int) -> pb.NetParameter:
+def _resnet_basic(b: _Builder, x: str, depth: int, num_classes: int,
+                  moving_average_fraction: Optional[float] = None) -> pb.NetParameter:
     """The body of `resnet_cifar` after its data layer: conv1, three stages of basic blocks, pooling, classifier."""
     blocks = (depth - 2) // 6
+    maf = moving_average_fraction
     x = b.conv("conv1", x, 16, 3)
-    x = b.bn("conv1/bn", "conv1/scale", x)
+    x = b.bn("conv1/bn", "conv1/scale", x, moving_average_fraction=maf)
     x = b.relu("conv1/relu", x)
     for stage, width in enumerate((16, 32, 64), start=2):
         for index in range(1, blocks + 1):
@@ -400,10 +411,10 @@ def _resnet_basic(b: _Builder, x: str, depth: int, num_classes: int) -> pb.NetPa
             stride = 2 if index == 1 and stage > 2 else 1
             shortcut = _option_a_shortcut(b, name, x) if stride == 2 else x
             y = b.conv(f"{name}/conv1", x, width, 3, stride)
-            y = b.bn(f"{name}/conv1/bn", f"{name}/conv1/scale", y)
+            y = b.bn(f"{name}/conv1/bn", f"{name}/conv1/scale", y, moving_average_fraction=maf)
             y = b.relu(f"{name}/conv1/relu", y)
             y = b.conv(f"{name}/conv2", y, width, 3)
-            y = b.bn(f"{name}/conv2/bn", f"{name}/conv2/scale", y)
+            y = b.bn(f"{name}/conv2/bn", f"{name}/conv2/scale", y, moving_average_fraction=maf)
             x = b.eltwise_sum(name, [y, shortcut])
             x = b.relu(f"{name}/relu", x)
     x = b.pool("pool", x, pb.PoolingParameter.AVE, global_pool=True)
