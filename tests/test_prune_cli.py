@@ -198,7 +198,8 @@ def test_pruned_files_keep_the_inputs_pooling_spelling(tmp_path, spelling):
     # The first hour of a real user: a net read with OpenCV's ceil_mode: false was written back as round_mode: FLOOR,
     # which OpenCV's importer rejects at forward time.
     model = tmp_path / "net.prototxt"
-    model.write_text(NET.replace("pool: MAX kernel_size: 2 stride: 2", f"pool: MAX kernel_size: 3 stride: 2 {spelling}"))
+    model.write_text(NET.replace("pool: MAX kernel_size: 2 stride: 2",
+                                 f"pool: MAX kernel_size: 3 stride: 2 {spelling}"))
     net = Net(model, seed=0)
     with torch.no_grad():
         for tensors in net.params.values():
@@ -236,3 +237,19 @@ def test_train_test_net_keeps_its_other_phase_layers():
     assert [l.name for l in result.net.layer] == [l.name for l in net.layer]
     assert [l.type for l in result.net.layer if l.name == "data"] == ["Input", "DummyData"]
     Net(result.net, phase="TRAIN")            # the TRAIN phase of the rewritten net still builds
+
+
+@pytest.mark.parametrize("criterion", ["slimming", "l1", "l2"])
+def test_prune_runs_without_torch(files, tmp_path, criterion):
+    # Pruning is numpy + protobuf: `import slim.prune` and the whole `slim prune` command never load torch (3-5 s
+    # of a command that otherwise costs about one read and one write of the caffemodel).
+    model, weights = files
+    out = tmp_path / f"torchless_{criterion}"
+    code = ("import sys; import slim.prune; assert 'torch' not in sys.modules, 'import slim.prune loaded torch'; "
+            "from slim.cli import main; "
+            f"rc = main(['prune', '--model', {str(model)!r}, '--weights', {str(weights)!r}, '--percent', '0.4', "
+            f"'--criterion', {criterion!r}, '--output', {str(out)!r}]); "
+            "assert rc == 0, rc; assert 'torch' not in sys.modules, 'slim prune loaded torch'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert out.with_suffix(".caffemodel").exists()

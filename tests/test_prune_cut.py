@@ -1,4 +1,5 @@
-"""The global cut: its threshold and score distribution in the report, and the warning for a cut through dense scores."""
+"""The global cut: its threshold and score distribution in the report, and the warning for a cut through dense
+scores."""
 
 import json
 

@@ -18,6 +18,11 @@ in execution order, and follows channels through the roles:
 * a Power with scale 0 (the zero channels of an option-A shortcut) is element-wise like any other: its channel i is
   its bottom's channel i, so the Concat ``[x, 0 * x]`` holds each channel of ``x`` twice and a removal takes both.
 
+Every blob also lies on a *chain*: a run of per-channel layers with no fan-out, begun by a producer (a depthwise
+convolution continues its input's chain), a tie, a concatenation or a blob read by several layers. Along one chain
+a channel's factors multiply (MobileNet's expand Scale, depthwise convolution and its Scale), so a zero anywhere on
+it kills the channel; the criteria combine a channel's members on one chain by their minimum (slim.prune.importance).
+
 Atoms united by ties are one *channel*: one keep-or-remove decision. A ChannelGroup is a set of channels created
 together (one producer's outputs, merged with every producer they were tied to); each slot of a layer blob maps its
 positions to channels, so one channel may own several positions of a slot (repeats, multiplicity).
@@ -64,6 +69,7 @@ class BlobSlot:
         masked: zeroed to silence a removed channel in the masked original.
         factor: holds network slimming's scaling factor (Scale's gamma).
         groups: 1, or the convolution group count of a grouped convolution's input axis (see ``channels``).
+        chain: the chain of the layer's top (see the module docstring) for output and param slots, -1 for inputs.
     """
 
     layer: str
@@ -75,6 +81,7 @@ class BlobSlot:
     masked: bool = False
     factor: bool = False
     groups: int = 1
+    chain: int = -1
 
 
 @dataclasses.dataclass
@@ -345,6 +352,7 @@ class _Walker:
         self.graph = graph
         self.uf = _UnionFind()
         self.atoms: Dict[str, np.ndarray] = {}      # blob id -> atom ids along axis 1
+        self.chain: Dict[str, int] = {}             # blob id -> its chain
         self.state: Dict[str, np.ndarray] = {}      # blob id -> _ZERO / _CONSTANT / _FIELD per position
         self.dirtied_by: Dict[str, str] = {}        # blob id -> the f(0) != 0 layer that made it non-zero
         self.slots: List[Tuple[BlobSlot, np.ndarray]] = []   # slot (channels filled later) and its atoms
@@ -354,6 +362,7 @@ class _Walker:
         self.constant_at: List[Tuple[str, str, np.ndarray]] = []
         self.equal_counts: List[Tuple[EqualCounts, np.ndarray]] = []   # constraint (channels filled later), atoms
         self.alloc_starts: List[int] = []           # first atom of each fresh allocation
+        self.chains = 0
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def fresh(self, n: int) -> np.ndarray:
@@ -361,12 +370,25 @@ class _Walker:
         self.alloc_starts.append(int(atoms[0]))
         return atoms
 
-    def set_top(self, blob_id: str, shape, atoms: np.ndarray, state: Optional[np.ndarray] = None) -> None:
+    def set_top(self, blob_id: str, shape, atoms: np.ndarray, state: Optional[np.ndarray] = None,
+                chain: Optional[int] = None) -> None:
         if len(shape) < 2:
             return
         assert len(atoms) == shape[1], (blob_id, len(atoms), shape)
         self.atoms[blob_id] = atoms
+        self.chain[blob_id] = chain if chain is not None else self.new_chain()
         self.state[blob_id] = np.zeros(len(atoms), np.uint8) if state is None else state
+
+    def new_chain(self) -> int:
+        self.chains += 1
+        return self.chains - 1
+
+    def chain_after(self, node, blob_id: str) -> int:
+        """The chain of ``node``'s tops: its bottom's, when ``node`` is that blob's only reader."""
+        readers = self.graph.consumers.get(blob_id, [])
+        if blob_id in self.chain and len(readers) == 1 and readers[0][0] == node.index:
+            return self.chain[blob_id]
+        return self.new_chain()
 
     def pin(self, atoms: np.ndarray, reason: str) -> None:
         if len(atoms):
@@ -376,11 +398,11 @@ class _Walker:
         self.touches.append((_Touch(node.name, node.type, verb, len(atoms), total, offset), atoms))
 
     def slot(self, node, blob: int, axis: int, side: str, atoms: np.ndarray, masked: bool, factor: bool,
-             groups: int = 1) -> None:
+             groups: int = 1, chain: int = -1) -> None:
         shape = node.blob_shapes[blob]
         assert shape[axis] * groups == len(atoms), (node.name, blob, axis, shape, len(atoms))
         self.slots.append((BlobSlot(node.name, node.type, blob, axis, side, np.empty(0, np.int64), masked, factor,
-                                    groups), atoms))
+                                    groups, chain), atoms))
 
     # -- the walk ------------------------------------------------------------------------------------------------
     def run(self, protect: Sequence[str]) -> None:
@@ -441,9 +463,11 @@ class _Walker:
         cin, cout, g = node.bottom_shapes[0][1], node.top_shapes[0][1], role.group
         a, b = cin // g, cout // g
         per_group_out = None
+        chain = self.new_chain()
         if g > 1 and cin == g:
             mode, a = "depthwise", 1
             out_atoms = np.repeat(in_atoms, b)       # output o belongs to input channel o // b
+            chain = self.chain_after(node, node.bottom_ids[0]) if len(node.bottom_ids) == 1 else chain
         elif g > 1 and all(node.blob_shapes[blob][axis] == cout for blob, axis in role.channel_blobs):
             mode = "grouped"                         # free channels, as many kept in every group
             out_atoms = self.fresh(cout)
@@ -460,9 +484,9 @@ class _Walker:
         for blob, axis in role.channel_blobs:
             size = node.blob_shapes[blob][axis]
             if size == cout:
-                self.slot(node, blob, axis, "output", out_atoms, True, False)
+                self.slot(node, blob, axis, "output", out_atoms, True, False, chain=chain)
             elif size == b and per_group_out is not None:
-                self.slot(node, blob, axis, "output", per_group_out, True, False)
+                self.slot(node, blob, axis, "output", per_group_out, True, False, chain=chain)
         repeat = count(node.bottom_shapes[0], 2)
         for blob, axis in role.input_blobs:
             size = node.blob_shapes[blob][axis]
@@ -478,7 +502,7 @@ class _Walker:
             self._check_read(node, b_id, role.absorbs_constants)
             self.touch(node, "read by", self.atoms[b_id], total=cin, offset=0)
         for t, shape in zip(node.top_ids, node.top_shapes):
-            self.set_top(t, shape, out_atoms)
+            self.set_top(t, shape, out_atoms, chain=chain if len(node.top_ids) == 1 else None)
         self.touch(node, "produced by", out_atoms)
         info = ProducerInfo(node.name, node.index, mode, g, np.empty(0, np.int64), np.empty(0, np.int64),
                             role.absorbs_constants)
@@ -513,8 +537,9 @@ class _Walker:
         if any(len(s) >= 2 and s[1] != len(atoms) for s in node.top_shapes):
             return self._barrier(node, role)
         masked = set(range(len(node.blob_shapes))) if role.masked is None else set(role.masked)
+        chain = self.chain_after(node, b_id) if len(node.top_ids) == 1 else self.new_chain()
         for blob, axis in role.channel_blobs:
-            self.slot(node, blob, axis, "param", atoms, blob in masked, blob == role.factor)
+            self.slot(node, blob, axis, "param", atoms, blob in masked, blob == role.factor, chain=chain)
         if role.factor is not None:
             verb = "scaled by"
         elif role.channel_blobs:
@@ -533,7 +558,7 @@ class _Walker:
                 state = np.maximum(state, _CONSTANT if role.pointwise else _FIELD).astype(np.uint8)
                 cause = f"{node.type} {node.name!r}"
         for t, shape in zip(node.top_ids, node.top_shapes):
-            self.set_top(t, shape, atoms, state.copy())
+            self.set_top(t, shape, atoms, state.copy(), chain=chain if len(node.top_ids) == 1 else None)
             if cause:
                 self.dirtied_by[t] = cause
         self.touch(node, verb, atoms)

@@ -2,42 +2,57 @@
 
 A criterion takes a ChannelGroup and the net's blobs (layer name -> arrays in Caffe's order) and returns one score
 array of length ``group.size`` per *member* that has an opinion (a Scale layer for ``slimming``, a producing layer for
-``l1``), with NaN where that member does not hold the channel::
+``l1``), with NaN where that member does not hold the channel; a Member also says which chain the member sits on
+(a plain array is a chain of its own)::
 
     @register_criterion("l2")
     def l2(group, blobs):
-        return [_norm(gs, blobs, 2) for gs in group.slots if gs.slot.side == "output" and gs.slot.blob == 0]
+        return [Member(_per_channel(gs, group.size, _norm(gs, blobs, 2)), gs.slot.chain) for gs in group.slots
+                if gs.slot.side == "output" and gs.slot.blob == 0]
 
 Before ranking, each member's scores may be normalised by their own mean (``--normalize mean``): filter norms grow
 with a layer's fan-in, so one global ranking of raw L1 norms would empty the layers with few inputs per filter;
 normalised, a global percent removes the relatively weakest filters of every layer (Torch-Pruning's global pruning
 normalises the same way). The scale is taken over the comparable filters only: a dead filter (zero, or weaker than
 1% of the layer's strongest) is left out of the mean, or a layer with many of them would rank its live filters far
-above every other layer's and the global cut would empty the others. Scale gammas after BatchNorm are comparable across layers as they are, which is what the
-paper's global threshold relies on, so ``slimming`` is not normalised by default.
+above every other layer's and the global cut would empty the others. Scale gammas after BatchNorm are comparable
+across layers as they are, which is what the paper's global threshold relies on, so ``slimming`` is not normalised
+by default.
 
-``channel_scores`` combines the members of every group into one score per channel by a tie rule (a channel of a
-group tied by an Eltwise has several members): ``union`` and ``max`` rank a channel by its strongest member, so it
-stays while any member would keep it (the union rule of pytorch-network-slimming's shortcut schema; the two names
-rank alike, and a global percent removes ``floor(N * p)`` channels under every rule); ``mean`` and ``sum``
-aggregate. A channel that no member scores (a group without Scale layers under ``slimming``) cannot be
-ranked and is not pruned.
+``channel_scores`` first scores each *chain* of a channel (slim.prune.groups: per-channel layers in a row, with no
+fan-out, such as MobileNet's expand Scale, depthwise convolution and depthwise Scale) by the minimum of its members:
+factors along a chain multiply, so a zero anywhere on it kills the channel whatever the others hold. It then combines
+the chains of every channel by a tie rule (a channel tied by an Eltwise lies on several chains, one per branch):
+``union`` and ``max`` rank a channel by its strongest chain, so it stays while any branch would keep it (the union rule
+of pytorch-network-slimming's shortcut schema; the two names rank alike, and a global percent removes ``floor(N * p)``
+channels under every rule); ``mean`` and ``sum`` aggregate. A channel that no member scores (a group without Scale
+layers under ``slimming``) cannot be ranked and is not pruned.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Mapping, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from slim.errors import PruneError
 from slim.prune.groups import ChannelAnalysis, ChannelGroup, GroupSlot
 
-__all__ = ["Criterion", "register_criterion", "criterion", "criteria", "ChannelScores", "channel_scores",
+__all__ = ["Criterion", "Member", "register_criterion", "criterion", "criteria", "ChannelScores", "channel_scores",
            "TIE_RULES", "NORMALIZERS", "default_normalizer"]
 
-Criterion = Callable[[ChannelGroup, Mapping[str, Sequence[np.ndarray]]], List[np.ndarray]]
+
+@dataclasses.dataclass
+class Member:
+    """One member's scores, by group channel (NaN where it does not hold the channel), and its chain (BlobSlot.chain;
+    None: a chain of its own). Members on one chain multiply: the chain scores as their minimum."""
+
+    scores: np.ndarray
+    chain: Optional[int] = None
+
+
+Criterion = Callable[[ChannelGroup, Mapping[str, Sequence[np.ndarray]]], List[Union[np.ndarray, Member]]]
 
 _CRITERIA: Dict[str, Criterion] = {}
 
@@ -127,21 +142,21 @@ def slimming(group: ChannelGroup, blobs) -> List[np.ndarray]:
             gamma = np.asarray(blobs[gs.slot.layer][gs.slot.blob])
             values = np.abs(np.moveaxis(gamma, gs.slot.axis, 0).reshape(gamma.shape[gs.slot.axis], -1)[
                 gs.positions, 0])
-            out.append(_per_channel(gs, group.size, values))
+            out.append(Member(_per_channel(gs, group.size, values), gs.slot.chain))
     return out
 
 
 @register_criterion("l1")
 def l1(group: ChannelGroup, blobs) -> List[np.ndarray]:
     """The L1 norm of each producing filter (Li et al., "Pruning Filters for Efficient ConvNets", 2017)."""
-    return [_per_channel(gs, group.size, _norm(gs, blobs, 1)) for gs in group.slots
+    return [Member(_per_channel(gs, group.size, _norm(gs, blobs, 1)), gs.slot.chain) for gs in group.slots
             if gs.slot.side == "output" and gs.slot.blob == 0]
 
 
 @register_criterion("l2")
 def l2(group: ChannelGroup, blobs) -> List[np.ndarray]:
     """The L2 norm of each producing filter."""
-    return [_per_channel(gs, group.size, _norm(gs, blobs, 2)) for gs in group.slots
+    return [Member(_per_channel(gs, group.size, _norm(gs, blobs, 2)), gs.slot.chain) for gs in group.slots
             if gs.slot.side == "output" and gs.slot.blob == 0]
 
 
@@ -151,6 +166,20 @@ def lasso(group: ChannelGroup, blobs) -> List[np.ndarray]:
     not from the blobs alone: prune_net runs it (slim.prune.reconstruct); it has no score to give here."""
     raise PruneError("Criterion 'lasso' chooses channels from calibration data, not from scores: call "
                      "slim.prune.prune_net(..., PrunePolicy(criterion='lasso'), calibration=Calibration(...)).")
+
+
+def _by_chain(stack: np.ndarray, chains: List[Optional[int]]) -> np.ndarray:
+    """Member rows -> chain rows: the minimum of the members on each chain, channel by channel (NaN-aware)."""
+    keys = [c if c is not None and c >= 0 else ("own", i) for i, c in enumerate(chains)]
+    if len(set(keys)) == len(keys):
+        return stack
+    rows = []
+    for key in dict.fromkeys(keys):
+        mine = stack[[i for i, k in enumerate(keys) if k == key]]
+        with np.errstate(invalid="ignore"):
+            low = np.where(np.isnan(mine), np.inf, mine).min(0)
+        rows.append(np.where(np.isinf(low) & np.isnan(mine).all(0), np.nan, low))
+    return np.vstack(rows)
 
 
 @dataclasses.dataclass
@@ -203,21 +232,25 @@ def channel_scores(analysis: ChannelAnalysis, blobs: Mapping[str, Sequence[np.nd
         per_member = fn(group, blobs)
         if not per_member:
             continue
-        stack = np.vstack([_normalized(np.asarray(m, np.float64), normalize) for m in per_member])
+        per_member = [m if isinstance(m, Member) else Member(m) for m in per_member]
+        stack = np.vstack([_normalized(np.asarray(m.scores, np.float64), normalize) for m in per_member])
         valid = ~np.isnan(stack)
         count = valid.sum(0)
-        with np.errstate(invalid="ignore"):
-            if tie_rule in ("union", "max"):
-                combined = np.where(count > 0, np.nanmax(np.where(valid, stack, -np.inf), 0), np.nan)
-            elif tie_rule == "mean":
-                combined = np.where(count > 0, np.nansum(stack, 0) / np.maximum(count, 1), np.nan)
-            else:
-                combined = np.where(count > 0, np.nansum(stack, 0), np.nan)
-        score[group.channels] = combined
-        members[group.channels] = count
         rows, cols = np.nonzero(valid)
         member_channel.append(group.channels[cols])
         member_score.append(stack[rows, cols])
+        stack = _by_chain(stack, [m.chain for m in per_member])
+        valid = ~np.isnan(stack)
+        chains = valid.sum(0)
+        with np.errstate(invalid="ignore"):
+            if tie_rule in ("union", "max"):
+                combined = np.where(chains > 0, np.nanmax(np.where(valid, stack, -np.inf), 0), np.nan)
+            elif tie_rule == "mean":
+                combined = np.where(chains > 0, np.nansum(stack, 0) / np.maximum(chains, 1), np.nan)
+            else:
+                combined = np.where(chains > 0, np.nansum(stack, 0), np.nan)
+        score[group.channels] = combined
+        members[group.channels] = count
     unpinned = ~analysis.pinned
     if not np.any(~np.isnan(score) & unpinned):
         lacking = sorted({p for g in analysis.groups if g.prunable for p in g.producers})

@@ -15,14 +15,15 @@ Policies (one of them per pruning):
   ranked channels are taken only if they land inside it (the report counts those passed over); a target that
   still cannot be met is refused, naming the nearest MACs reachable on each side.
 
-Constraints, applied to every group: ``min_channels`` (an absolute count, default 1, so no layer is ever emptied)
-and ``min_fraction`` keep at least that many. A layer left with one channel by a global ranking has all but lost
-its layer, which is rarely what was meant: unless a limit was given (``min_channels``, ``min_fraction`` or
-``max_prune``; ``--min-channels 1`` accepts it), such a plan is refused with the layers it would reduce to one; ``max_prune`` removes at most that fraction in one pass (the paper's
-multi-pass schedule used 0.5); ``round_to`` rounds each group's kept count up to a multiple (8 for tensor cores; it
-adds back the best removed channels, so the removed count may end below the request); ``protect`` pins layers. A
-blob never loses all its channels (a Slice top covering only removed channels gets its best channel back). The
-limits win over the request: the report gives both the requested and the removed count (the real fraction).
+Constraints, applied to every group: ``min_channels`` (an absolute count, default 1, so no layer is ever emptied) and
+``min_fraction`` keep at least that many. A layer left with one channel by a global ranking has all but lost its layer,
+which is rarely what was meant: unless a limit was given (``min_channels``, ``min_fraction`` or ``max_prune``;
+``--min-channels 1`` accepts it), such a plan is refused with the layers it would reduce to one; ``max_prune`` removes
+at most that fraction in one pass (the paper's multi-pass schedule used 0.5); ``round_to`` rounds each group's kept
+count up to a multiple (8 for tensor cores; it adds back the best removed channels, so the removed count may end below
+the request); ``protect`` pins layers. A blob never loses all its channels (a Slice top covering only removed channels
+gets its best channel back). The limits win over the request: the report gives both the requested and the removed count
+(the real fraction).
 """
 
 from __future__ import annotations
@@ -425,9 +426,9 @@ def _search(analysis, keep0, eligible, score, round_to, macs_of, target, before)
         if trial <= high:
             return np.asarray(removed, np.int64), trial, skipped
     raise PruneError(f"The target of {target:,.0f} MACs per image ({before / target:.3g}x) cannot be met within "
-                     f"{TOLERANCE:.0%}: the channels are too coarse here. The ranking's cut goes from {above:,.0f} MACs "
-                     f"({before / above:.3g}x) to {found:,.0f} ({before / found:.3g}x) in one channel, and none of the "
-                     f"next {_FILL} ranked channels is small enough to land between. Aim at one of those two, or "
+                     f"{TOLERANCE:.0%}: the channels are too coarse here. The ranking's cut goes from {above:,.0f} "
+                     f"MACs ({before / above:.3g}x) to {found:,.0f} ({before / found:.3g}x) in one channel, and none of "
+                     f"the next {_FILL} ranked channels is small enough to land between. Aim at one of those two, or "
                      f"try without --round-to.")
 
 

@@ -3,10 +3,11 @@
 * ``rewrite_net`` copies the NetParameter and changes only what channel counts dictate: ``num_output`` of every
   producer, ``group`` of a depthwise convolution (one group per kept input channel), and the ``slice_point`` of a
   Slice on the channel axis. Everything else, layers of other phases included, stays as it was.
-* ``transplant`` cuts every channel-indexed blob axis down to its kept positions, by index: convolution weights on
-  both axes (a grouped convolution's input axis by each group's own kept inputs, as many in every group), biases, BatchNorm mean and variance (its scale factor is
-  not per channel), Scale gamma and beta, Bias, PReLU slopes, and InnerProduct columns in C x H x W order. The
-  result, PrunedBlobs, computes a cut when it is read, or streams it block by block into the .caffemodel.
+* ``transplant`` cuts every channel-indexed blob axis down to its kept positions, by index: convolution weights on both
+  axes (a grouped convolution's input axis by each group's own kept inputs, as many in every group), biases, BatchNorm
+  mean and variance (its scale factor is not per channel), Scale gamma and beta, Bias, PReLU slopes, and InnerProduct
+  columns in C x H x W order. The result, PrunedBlobs, computes a cut when it is read, or streams it block by block into
+  the .caffemodel.
 * ``masked_blobs`` is the reference the pruned net equals: the original with every removed channel silenced. By
   default every parameter that produces it is zeroed (filter and bias of its producers, BatchNorm mean, Scale gamma
   and beta, Bias), so it is zero wherever it is read; for ``--absorb-bias`` only the Scale gamma is zeroed where
