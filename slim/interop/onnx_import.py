@@ -117,7 +117,7 @@ def load_onnx(path: Union[str, os.PathLike]):
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
         raise InteropError(f"{path} is not a valid ONNX model: {first}. Export it again, or repair it with "
                            f"onnx's tools.") from None
     return model
@@ -255,7 +255,7 @@ class ImportContext:
                                                                source=self.source)
         except NetError as e:
             raise self.error(node, f"slim cannot build the Caffe {lp.type} layer it maps to: {e}") from None
-        arrays = [np.ascontiguousarray(a, dtype=np.float32) for a in blobs]
+        arrays = [np.require(a, np.float32, "C") for a in blobs]  # (keeps a 0-axis blob 0-axis)
         assert [a.shape for a in arrays] == [tuple(s) for s in layer.blob_shapes], (lp.name, layer.blob_shapes)
         self.layers.append(lp)
         if arrays:
@@ -495,33 +495,54 @@ def import_onnx(model, *, input_shapes: Optional[Mapping[str, Sequence[int]]] = 
     net.layer.append(input_layer)
     net.layer.extend(ctx.layers)
     _name_outputs(ctx, net, outputs)
+    _unread_outputs(ctx, net, outputs)
     _check(ctx, net, source)
     return ImportResult(net, dict(ctx.blobs), source, opset, list(input_layer.top), outputs, folded, model_batch)
 
 
 def _name_outputs(ctx: ImportContext, net: "pb.NetParameter", outputs: Sequence[str]) -> None:
     """Give every graph output its ONNX name: rename its Caffe blob, or copy it by a Split layer when that blob is
-    an input or already another output."""
-    named = set()
+    a graph input or already named for another output."""
+    renamed: Dict[str, str] = {}  # Caffe blob name -> the output name it now has
     for out in outputs:
         if out in ctx.consts and out not in ctx.values:
             raise InteropError(f"{ctx.source}: graph output {out!r} is a constant; a Caffe net's outputs are computed "
                                f"from its inputs. Remove it from the model's outputs.")
-        blob = ctx.values[out]
-        if blob.name == out:
-            named.add(out)
+        blob = ctx.values[out].name
+        current = renamed.get(blob, blob)
+        if current == out:
             continue
-        if blob.name in ctx.graph_inputs or blob.name in named:
+        if blob in ctx.graph_inputs or blob in renamed:
             split = net.layer.add(name=ctx._unique(f"{out}_copy", ctx._layer_names), type="Split")
-            split.bottom.append(blob.name)
+            split.bottom.append(current)
             split.top.append(out)
-        else:
-            for lp in net.layer:
-                for field in (lp.bottom, lp.top):
-                    for i, b in enumerate(field):
-                        if b == blob.name:
-                            field[i] = out
-        named.add(out)
+            continue
+        for lp in net.layer:
+            for field in (lp.bottom, lp.top):
+                for i, b in enumerate(field):
+                    if b == blob:
+                        field[i] = out
+        renamed[blob] = out
+
+
+def _unread_outputs(ctx: ImportContext, net: "pb.NetParameter", outputs: Sequence[str]) -> None:
+    """A Caffe net's outputs are the blobs no layer reads. A graph output that later layers also read is written
+    under an internal name, then a Split gives it back under its own name (unread) and, as a copy, to its readers."""
+    for out in outputs:
+        layers = list(net.layer)
+        last = max(i for i, lp in enumerate(layers) if out in lp.top)
+        if not any(out in lp.bottom for lp in layers[last + 1:]):
+            continue
+        internal = ctx._unique(f"{out}/value", ctx._blob_names)
+        copy = ctx._unique(f"{out}/copy", ctx._blob_names)
+        for i, lp in enumerate(layers):
+            for field in ((lp.bottom, lp.top) if i <= last else (lp.bottom,)):
+                for j, b in enumerate(field):
+                    if b == out:
+                        field[j] = internal if i <= last else copy
+        split = pb.LayerParameter(name=ctx._unique(f"{out}/split", ctx._layer_names), type="Split",
+                                  bottom=[internal], top=[out, copy])
+        net.layer.insert(last + 1, split)
 
 
 def _check(ctx: ImportContext, net: "pb.NetParameter", source: str) -> None:

@@ -130,9 +130,10 @@ class _AffineBase(Layer):
         return ChannelRole("barrier")  # a parameter over the batch axis
 
     def _broadcast(self, t, ndim):
-        """View a parameter of shape shape[axis:axis+k] so it broadcasts against an ndim-D bottom."""
+        """View a parameter of shape shape[axis:axis+k] so it broadcasts against an ndim-D bottom. Its own shape,
+        not the one set up: a second bottom aligned from axis 0 carries the batch size of each call."""
         k = len(self.pshape)
-        return t.reshape((1,) * self.axis + tuple(self.pshape) + (1,) * (ndim - self.axis - k))
+        return t.reshape((1,) * self.axis + tuple(t.shape) + (1,) * (ndim - self.axis - k))
 
 
 @register
