@@ -59,3 +59,22 @@ def test_time_prints_caffe_style_totals(capsys):
     assert main(["time", "--model", DEMO_DEPLOY, "--iterations", "2", "--phase", "TEST"]) == 0
     out = capsys.readouterr().out
     assert "conv1_1" in out and "Average Forward pass" in out and "Average Backward pass" in out
+
+
+def test_default_outputs_are_ignored_by_git():
+    # The first hour of a real user: `slim demo` in the checkout left slim_demo/ among the changes to commit.
+    import shutil
+    import subprocess
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    from slim.cli import build_parser
+    from slim.io import read_solver
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    outputs = [sub[name].get_default("out") for name in ("demo", "pipeline")]
+    prefix = read_solver(ROOT / "solvers" / "vgg19_cifar10_sparse.prototxt").snapshot_prefix
+    paths = [f"{out}/anything" for out in outputs] + [f"{prefix}_iter_100.caffemodel", f"{prefix}_iter_100.solverstate",
+                                                      f"{prefix}.metrics.jsonl"]
+    for path in paths:
+        done = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
+        assert done.returncode == 0, f"{path} is not ignored by .gitignore"
