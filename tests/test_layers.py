@@ -714,6 +714,33 @@ def test_elementwise_matches_caffe(type_name, text, fn):
     close(y, fn(x), rtol=1e-5, atol=1e-6)
 
 
+ZERO_PROBES = ELEMENTWISE + [
+    (t, text, None) for t, text in [
+        ("ReLU", "relu_param { negative_slope: inf }"), ("ELU", "elu_param { alpha: inf }"),
+        ("ELU", "elu_param { alpha: 0 }"), ("Swish", "swish_param { beta: inf }"), ("Swish", "swish_param { beta: 0 }"),
+        ("Power", "power_param { power: -1 }"), ("Power", "power_param { power: 0 }"),
+        ("Power", "power_param { power: 2 scale: inf }"), ("Power", "power_param { power: 0.5 shift: -1 }"),
+        ("Power", "power_param { power: 1 shift: nan }"), ("Power", "power_param { power: 2 scale: 0 }"),
+        ("Log", "log_param { shift: 1 scale: 3 }"), ("Log", "log_param { base: 10 shift: 1 }"),
+        ("Log", "log_param { shift: 1 scale: inf }"), ("Log", ""), ("Clip", "clip_param { min: 0 max: 0 }"),
+        ("Clip", "clip_param { min: 0.1 max: 1 }"), ("Clip", "clip_param { min: -1 max: -0.1 }"),
+        ("Threshold", "threshold_param { threshold: -0.5 }"), ("Threshold", "threshold_param { threshold: nan }"),
+        ("Dropout", "dropout_param { dropout_ratio: 0.5 }"), ("PReLU", ""),
+        ("PReLU", "prelu_param { channel_shared: true }")]]
+
+
+@pytest.mark.parametrize("phase", [pb.TRAIN, pb.TEST])
+@pytest.mark.parametrize("type_name,text", [(t, text) for t, text, _ in ZERO_PROBES],
+                         ids=[f"{t}-{i}" for i, (t, _, _) in enumerate(ZERO_PROBES)])
+def test_elementwise_declares_whether_zero_stays_zero(type_name, text, phase):
+    # The pruner reads zero_preserving without torch (slim.prune must not import it): the declaration must agree
+    # with the layer's own function on a zero input, with learned blobs of ones.
+    layer = make_layer(type_name, text, shapes=[(1, 3)], phase=phase)
+    with np.errstate(all="ignore"):
+        zero = layer.forward([torch.ones(s) for s in layer.blob_shapes], [torch.zeros((1, 3))])[0]
+    assert layer.channel_role().zero_preserving == bool((zero == 0).all()), (type_name, text, zero)
+
+
 def test_bnll_is_stable_for_large_inputs():
     x = np.array([-200.0, -60.0, -1.0, 0.0, 1.0, 60.0, 200.0])
     _, (y,), _ = run("BNLL", "", [x])

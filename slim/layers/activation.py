@@ -20,11 +20,17 @@ class _Elementwise(Layer):
     def check(self):
         """Validate the layer's own parameter (ValueError with the specifics)."""
 
+    def maps_zero_to_zero(self) -> bool:
+        """Whether f(0) == 0 for this layer's parameter (with learned blobs of ones), declared without running it.
+
+        The pruner reads this with no torch loaded; tests/test_layers.py checks every type against ``apply`` on 0.
+        """
+        return True
+
     def channel_role(self) -> ChannelRole:
         # Channel c of the top is a function of channel c of the bottom alone. Whether a silenced (zero) channel
-        # stays zero decides whether removing it is exact downstream; ask the layer's own function: f(0) == 0?
-        zero = self.apply(torch.zeros((1, 1)), [torch.ones(s) for s in self.blob_shapes])
-        return ChannelRole("passthrough", pointwise=True, zero_preserving=bool((zero == 0).all()))
+        # stays zero decides whether removing it is exact downstream: f(0) == 0?
+        return ChannelRole("passthrough", pointwise=True, zero_preserving=self.maps_zero_to_zero())
 
     def forward(self, blobs, bottoms):
         return [self.apply(bottoms[0], blobs)]
@@ -33,16 +39,17 @@ class _Elementwise(Layer):
         return count(self.bottom_shapes[0])
 
 
-def _simple(type_name, fn, doc):
+def _simple(type_name, fn, zero_to_zero, doc):
     cls = type(type_name, (_Elementwise,), {"type": type_name, "__doc__": doc,
-                                             "apply": lambda self, x, blobs: fn(x)})
+                                             "apply": lambda self, x, blobs: fn(x),
+                                             "maps_zero_to_zero": lambda self: zero_to_zero})
     return register(cls)
 
 
-Sigmoid = _simple("Sigmoid", lambda x: torch.sigmoid(x), "y = 1 / (1 + exp(-x)).")
-TanH = _simple("TanH", lambda x: torch.tanh(x), "y = tanh(x).")
-AbsVal = _simple("AbsVal", lambda x: torch.abs(x), "y = |x|.")
-BNLL = _simple("BNLL", lambda x: F.softplus(x), "y = log(1 + exp(x)), computed stably as Caffe does.")
+Sigmoid = _simple("Sigmoid", lambda x: torch.sigmoid(x), False, "y = 1 / (1 + exp(-x)).")
+TanH = _simple("TanH", lambda x: torch.tanh(x), True, "y = tanh(x).")
+AbsVal = _simple("AbsVal", lambda x: torch.abs(x), True, "y = |x|.")
+BNLL = _simple("BNLL", lambda x: F.softplus(x), False, "y = log(1 + exp(x)), computed stably as Caffe does.")
 
 
 @register
@@ -50,6 +57,9 @@ class ReLU(_Elementwise):
     """y = max(x, 0) + negative_slope * min(x, 0)."""
 
     type = "ReLU"
+
+    def maps_zero_to_zero(self):
+        return math.isfinite(self.param.relu_param.negative_slope)  # 0 * inf is NaN
 
     def apply(self, x, blobs):
         slope = self.param.relu_param.negative_slope
@@ -102,6 +112,9 @@ class Swish(_Elementwise):
 
     type = "Swish"
 
+    def maps_zero_to_zero(self):
+        return math.isfinite(self.param.swish_param.beta)  # 0 * inf is NaN
+
     def apply(self, x, blobs):
         beta = self.param.swish_param.beta
         return x * torch.sigmoid(beta * x) if beta != 1 else F.silu(x)
@@ -112,6 +125,11 @@ class Power(_Elementwise):
     """y = (shift + scale * x) ^ power."""
 
     type = "Power"
+
+    def maps_zero_to_zero(self):
+        # f(0) = shift ^ power: zero only for shift 0 and a positive power (0 ^ 0 = 1, 0 ^ -1 = inf); 0 * inf is NaN.
+        p = self.param.power_param
+        return p.shift == 0 and p.power > 0 and math.isfinite(p.scale)
 
     def apply(self, x, blobs):
         p = self.param.power_param
@@ -139,6 +157,9 @@ class Exp(_Elementwise):
 
     type = "Exp"
 
+    def maps_zero_to_zero(self):
+        return False  # base ^ shift > 0
+
     def check(self):
         _ln_base(self.param.exp_param.base)
 
@@ -152,6 +173,10 @@ class Log(_Elementwise):
     """y = log_base(shift + scale * x); base -1 means e."""
 
     type = "Log"
+
+    def maps_zero_to_zero(self):
+        p = self.param.log_param
+        return p.shift == 1 and math.isfinite(p.scale)  # log_base(shift); 0 * inf is NaN
 
     def check(self):
         _ln_base(self.param.log_param.base)
@@ -167,6 +192,10 @@ class Clip(_Elementwise):
     """y = min(max(x, min), max)."""
 
     type = "Clip"
+
+    def maps_zero_to_zero(self):
+        cp = self.param.clip_param
+        return cp.min <= 0 <= cp.max
 
     def check(self):
         cp = self.param.clip_param
@@ -185,6 +214,9 @@ class Threshold(_Elementwise):
     """y = 1 if x > threshold else 0 (no gradient)."""
 
     type = "Threshold"
+
+    def maps_zero_to_zero(self):
+        return not self.param.threshold_param.threshold < 0  # (0 > threshold) is 0, NaN included
 
     def apply(self, x, blobs):
         return (x > self.param.threshold_param.threshold).to(x.dtype)
