@@ -22,7 +22,7 @@ setup(
     extras_require={
         # opencv-python-headless: an independent Caffe forward oracle; 5.x removed the Caffe importer.
         "test": ["pytest>=7", "opencv-python-headless>=4.5,<5", "pillow>=9", "lmdb>=1.0", "scikit-learn>=1.1",
-                 "onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.2"],
+                 "onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.2", "h5py>=3.0"],
         "image": ["pillow>=9"],
         "plot": ["matplotlib>=3.5"],
         "lmdb": ["lmdb>=1.0"],

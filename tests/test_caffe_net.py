@@ -351,6 +351,15 @@ def test_hdf5_round_trip(tmp_path):
     for layer, blobs in net.params.items():
         for a, b in zip(blobs, other.params[layer]):
             np.testing.assert_array_equal(a.data, b.data)
+    import h5py
+    with h5py.File(tmp_path / "w.h5", "r") as f:              # Caffe's layout: data/<layer>/<blob index>
+        assert list(f["data"]) == sorted(net._layer_names)     # a group per layer, blobs or not
+        np.testing.assert_array_equal(f["data/conv1/0"][()], net.params["conv1"][0].data)
+        assert sorted(f["data/bn1"]) == ["0", "1", "2"] and not list(f["data/relu1"])
+    with h5py.File(tmp_path / "bad.h5", "w") as f:             # written as Caffe's ToHDF5 would, wrong shape
+        f.create_dataset("data/ip/0", data=np.zeros((3, 5), np.float32))
+    with pytest.raises(WeightsError, match="layer 'ip' blob 0 has shape \\(3, 5\\), the net expects \\(3, 4\\)"):
+        other.load_hdf5(str(tmp_path / "bad.h5"))
 
 
 def test_hdf5_without_h5py_says_how_to_fix(tmp_path, monkeypatch):
