@@ -290,8 +290,10 @@ def reconstruct_prune(graph: NetGraph, analysis: ChannelAnalysis, blobs: Mapping
 
     original, current = _nets(graph, blobs, calibration.device)
     originals = {name: [np.asarray(a, np.float32) for a in arrays] for name, arrays in blobs.items()}
-    live = {name: [t.detach().cpu().numpy().copy() for t in current.params[name]] for name in
-            {u.layer for u in units}}
+    # The refitted layers' blobs as numpy: views of the working net's tensors on the CPU (no third copy of the
+    # model), copies written back after each pass on a GPU.
+    live = {name: [t.detach().cpu().numpy() for t in current.params[name]] for name in {u.layer for u in units}}
+    on_cpu = current.device.type == "cpu"
     usable = [u for u in units if u.layer not in blocked]
     units_of: Dict[int, List[ReaderUnit]] = {}
     for u in usable:
@@ -338,7 +340,7 @@ def reconstruct_prune(graph: NetGraph, analysis: ChannelAnalysis, blobs: Mapping
         for u in us:
             _refit(u, stats, keep | undecided, originals, live, calibration, records, step,
                    unfit.get(u.layer, ""))
-        for name in {u.layer for u in us}:
+        for name in ({u.layer for u in us} if not on_cpu else ()):
             with torch.no_grad():
                 for t, array in zip(current.params[name], live[name]):
                     t.copy_(torch.from_numpy(array).reshape(t.shape))
