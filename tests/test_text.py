@@ -446,3 +446,41 @@ layer { name: "plain" type: "Pooling" bottom: "x" top: "c" pooling_param { pool:
     assert parse_net(text) == expected
     assert net_to_text(net) == net_to_text(parse_net(net_to_text(net)))  # the BVLC spelling is untouched
     assert "round_mode: FLOOR" in net_to_text(net)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a file of the wrong kind
+
+
+def test_a_solver_read_as_a_net_and_a_net_read_as_a_solver_say_so():
+    # The first hour of a real user: swapping the net and the solver got advice to pass --allow-unknown-fields, and
+    # `slim summary --allow-unknown-fields SOLVER` printed an empty net and exited 0.
+    solver = 'net: "n.prototxt"\nbase_lr: 0.01\nmax_iter: 100\nlr_policy: "fixed"\nsnapshot_prefix: "s"\n'
+    net = 'name: "n"\nlayer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 } } }\n'
+    for tolerant in (False, True):
+        with pytest.raises(ParseError) as info:
+            parse_net(solver, "s.prototxt", allow_unknown_fields=tolerant)
+        message = str(info.value)
+        assert message.startswith("s.prototxt is a solver prototxt, not a net") and "base_lr" in message
+        assert "--solver" in message and "allow-unknown-fields" not in message
+    with pytest.raises(ParseError, match=r"n.prototxt is a net prototxt, not a solver \(it sets name, layer"):
+        parse_solver(net, "n.prototxt")
+
+
+def test_layer_fields_at_the_top_level_point_at_a_missing_layer_brace():
+    text = ('name: "n"\nlayer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 } } }\n'
+            '  name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 2 } }\n')
+    with pytest.raises(ParseError, match=r"layer fields at its top level \(type, bottom, top, inner_product_param\)"
+                                         r": a `layer \{` is missing"):
+        parse_net(text, "n.prototxt")
+    # A genuinely unknown fork field still gets the fork advice.
+    with pytest.raises(ParseError, match="allow-unknown-fields"):
+        parse_net('name: "n"\nsome_fork_field: 3\n', "n.prototxt")
+
+
+def test_summary_of_a_solver_is_an_error_not_an_empty_net(tmp_path, capsys):
+    from slim.cli import main
+    path = tmp_path / "solver.prototxt"
+    path.write_text('net: "n.prototxt"\nbase_lr: 0.01\nmax_iter: 100\n')
+    assert main(["summary", str(path), "--allow-unknown-fields"]) == 2
+    assert "is a solver prototxt, not a net" in capsys.readouterr().err

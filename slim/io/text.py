@@ -38,8 +38,9 @@ __all__ = ["parse_net", "read_net", "write_net", "net_to_text", "parse_solver", 
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-_FORK_HINT = ("If the file comes from a Caffe fork, pass --allow-unknown-fields (or allow_unknown_fields=True) to "
-              "skip unknown fields.")
+_FORK_HINT = ("If the file comes from a Caffe fork, skip unknown fields with --allow-unknown-fields "
+              "(allow_unknown_fields=True in Python); slim train and slim pipeline read nets strictly, so remove the "
+              "fields there.")
 
 # Messages whose instances a user knows by their `name`: errors inside them say 'layer "conv1"'.
 _LAYER_MESSAGES = ("LayerParameter", "V1LayerParameter", "V0LayerParameter")
@@ -329,7 +330,42 @@ def _suggestion(unknown: _Unknown) -> str:
     return f' Did you mean "{close[0]}"?' if close else ""
 
 
+def _wrong_kind(unknown: List[_Unknown], source: str) -> Optional[str]:
+    """The file is another kind than the one being read (a solver given as a net, a net as a solver), or a net whose
+    layer fields stand at the top level (a missing ``layer {``): what to do instead; None otherwise."""
+    top = [u.name for u in unknown if u.frame.parent is None]
+    if not top:
+        return None
+    reading = unknown[0].frame
+    while reading.parent is not None:
+        reading = reading.parent
+    kinds = [("a solver", pb.SolverParameter.DESCRIPTOR, "where a solver is expected (slim train --solver FILE); "
+                                                          "the net it names goes where a net is expected"),
+             ("a net", pb.NetParameter.DESCRIPTOR, "where a net is expected (slim summary FILE, --model FILE, the "
+                                                   "solver's net: field); slim train takes the solver")]
+    for kind, desc, advice in kinds:
+        if desc is reading.desc:
+            continue
+        hits = [name for name in dict.fromkeys(top) if name in desc.fields_by_name]
+        if len(hits) * 2 > len(set(top)):
+            fields = ", ".join(hits[:4])
+            return (f"{source} is {kind} prototxt, not a {_KIND[reading.desc.name]} (it sets {fields}, fields of "
+                    f"{desc.name}): pass it {advice}.")
+    if reading.desc is pb.NetParameter.DESCRIPTOR:
+        layer_fields = [name for name in dict.fromkeys(top) if name in pb.LayerParameter.DESCRIPTOR.fields_by_name]
+        if len(layer_fields) * 2 > len(set(top)):
+            return (f"{source} has layer fields at its top level ({', '.join(layer_fields[:4])}): a `layer {{` is "
+                    f"missing before them, or a brace closes a layer too early. Wrap each layer in layer {{ ... }}.")
+    return None
+
+
+_KIND = {"NetParameter": "net", "SolverParameter": "solver"}
+
+
 def _unknown_error(unknown: List[_Unknown], lines: _Lines, source: str) -> str:
+    wrong = _wrong_kind(unknown, source)
+    if wrong:
+        return wrong
     first = unknown[0]
     line, col = lines.at(first.start)
     text = (f'{source}:{line}:{col}: {_describe(first.frame)} has no field named "{first.name}".'
@@ -427,7 +463,8 @@ def _parse(text: str, message, source: str, allow_unknown_fields: bool) -> None:
     problems = [(bad.start, f'{_describe(bad.frame)}: ceil_mode (OpenCV\'s spelling of round_mode) must be true or '
                             f'false, found "{bad.found}". Write ceil_mode: false for floor rounding, or BVLC\'s '
                             f'round_mode: FLOOR (CEIL is the default).') for bad in scanner.bad_ceil_modes]
-    if not allow_unknown_fields and scanner.unknown:
+    # A file of the wrong kind is refused even in tolerant mode: skipping its fields would leave an empty message.
+    if scanner.unknown and (not allow_unknown_fields or _wrong_kind(scanner.unknown, source)):
         problems.append((scanner.unknown[0].start, _unknown_error(scanner.unknown, lines, source)))
     if problems:
         pos, problem = min(problems, key=lambda p: p[0])
