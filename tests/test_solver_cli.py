@@ -94,6 +94,21 @@ def test_test_and_train_refuse_weights_of_another_net(tmp_path, capsys):
         assert "holds no weights for any layer" in err and "Traceback" not in err, err
 
 
+def test_a_solverstate_as_weights_and_a_caffemodel_as_snapshot_are_named(tmp_path, capsys):
+    # The first hour of a real user: either swap was reported as "truncated or corrupt; re-download it".
+    path = write_solver(tmp_path, tiny_net(), max_iter=2, snapshot_after_train=True)
+    Solver(path, metrics=False).solve()
+    state, weights = tmp_path / "solver_iter_2.solverstate", tmp_path / "solver_iter_2.caffemodel"
+    assert main(["test", "--model", str(tmp_path / "solver_net.prototxt"), "--weights", str(state)]) == 2
+    err = capsys.readouterr().err
+    assert "This is a .solverstate (a solver snapshot at iteration 2), not a caffemodel" in err
+    assert f"fine-tune from the weights it names, {weights}, with --weights" in err and "re-download" not in err
+    assert main(["train", "--solver", str(path), "--snapshot", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert "This is a .caffemodel (the weights of net tiny), not a solverstate: pass it as --weights" in err
+    assert "re-download" not in err
+
+
 def test_tools_solve_is_the_train_command(tmp_path):
     path = write_solver(tmp_path, tiny_net(), max_iter=2, snapshot_after_train=True)
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "solve.py"), "--solver", str(path), "--quiet"],

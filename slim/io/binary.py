@@ -338,6 +338,47 @@ class _Wire:
         # A binary NetParameter usually starts with "\n" (field 1, name), so text must not.
         if len(head) >= 8 and head[0] != 0x0A and all(32 <= c < 127 or c in b"\t\r\n" for c in head):
             return "The file looks like text (a prototxt?), not binary protobuf"
+        return self.other_kind()
+
+    def other_kind(self) -> str:
+        """Recognise a caffemodel read as a solverstate and a solverstate read as a caffemodel (the two files a
+        snapshot writes side by side), by walking the top-level fields; "" when the file is neither."""
+        fields = {}
+        pos = 0
+        try:
+            for _ in range(100000):
+                if pos >= self.size:
+                    break
+                number, wire, a, b = self.field(pos, self.size)
+                fields.setdefault(number, (wire, a, b))
+                pos = b
+            else:
+                return ""
+        except ParseError:
+            return ""
+
+        def fits(descriptor) -> bool:
+            for number, (wire, _, _) in fields.items():
+                fd = descriptor.fields_by_number.get(number)
+                if fd is None or wire not in ({_wire_type(fd), _LEN} if _is_repeated(fd) else {_wire_type(fd)}):
+                    return False
+            return True
+
+        def text(number: int) -> str:
+            wire, a, b = fields.get(number, (None, 0, 0))
+            return bytes(self.buf[a:b]).decode("utf-8", "replace") if wire == _LEN else ""
+
+        if self.kind != "solverstate" and _STATE_HISTORY in fields and fits(pb.SolverState.DESCRIPTOR):
+            it = fields[1][1] if 1 in fields and fields[1][0] == 0 else "?"
+            learned = text(2)
+            return (f"This is a .solverstate (a solver snapshot at iteration {it}), not a {self.kind}: resume from it "
+                    f"with --snapshot" + (f", or fine-tune from the weights it names, {learned}, with --weights"
+                                          if learned else ""))
+        if self.kind != "caffemodel" and (_NET_LAYER in fields or _NET_LAYERS in fields) \
+                and fits(pb.NetParameter.DESCRIPTOR):
+            name = text(1)
+            return (f"This is a .caffemodel (the weights of net {name or '(unnamed)'}), not a {self.kind}: pass it as "
+                    f"--weights; --snapshot resumes from the .solverstate written beside it")
         return ""
 
 
