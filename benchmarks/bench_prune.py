@@ -12,17 +12,22 @@ Then, alternately, several repetitions of:
             arguments, including reading the weights and scoring every filter. The pruned blobs are cut block by
             block into a reused buffer as the caffemodel is written (slim.prune.PrunedBlobs).
 
+With ``--process`` the two are whole processes instead, started alternately: ``python -m slim prune`` (the command a
+user runs: interpreter start, imports, everything above; it never imports torch) against a ``python -c`` process that
+imports slim.io (numpy + protobuf) and does the baseline's read + write.
+
 Medians and best runs are reported (the machine may be shared: the best run is the least disturbed), with the
 ratio prune / baseline (target <= 2) and a breakdown of one prune run.
 
 Usage:
-    python benchmarks/bench_prune.py [--reps 3] [--dir /tmp] [--nets vgg16 resnet50]
+    python benchmarks/bench_prune.py [--reps 3] [--dir /tmp] [--nets vgg16 resnet50] [--process]
 """
 
 import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -72,6 +77,27 @@ def prune(model, weights, out, criterion):
     return result
 
 
+_BASELINE_PROCESS = ("import sys; from slim.io import read_caffemodel, write_caffemodel; "
+                     "m = read_caffemodel(sys.argv[1]); "
+                     "write_caffemodel(sys.argv[2], m.net, {l.name: l.blobs for l in m.layers if l.blobs}); "
+                     "assert 'torch' not in sys.modules")
+
+
+def process_commands(model, weights, tmp, criterion):
+    """The two whole commands of ``--process``: (slim prune, numpy-only read + write)."""
+    prune_cmd = [sys.executable, "-m", "slim", "prune", "--model", str(model), "--weights", str(weights),
+                 "--percent", "0.5", "--criterion", criterion, "--output", str(tmp / "pruned")]
+    base_cmd = [sys.executable, "-c", _BASELINE_PROCESS, str(weights), str(tmp / "copy.caffemodel")]
+    return prune_cmd, base_cmd
+
+
+def timed_process(cmd):
+    """Wall seconds of one run of ``cmd`` (which must succeed)."""
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+    return time.perf_counter() - t
+
+
 def breakdown(model, weights, out, criterion):
     """One prune run, timed step by step (the transplant is computed while the caffemodel is written)."""
     marks = [("start", time.perf_counter())]
@@ -99,6 +125,8 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dir", default=None, help="folder for the temporary files (default: the system's)")
     parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
+    parser.add_argument("--process", action="store_true",
+                        help="time whole processes: `python -m slim prune` against a numpy-only read + write")
     args = parser.parse_args()
     print(f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"numpy {np.__version__}, {time.strftime('%Y-%m-%d')}")
@@ -112,17 +140,26 @@ def main():
             values = random_weights(net, weights)
             size = weights.stat().st_size
             base, pruned = [], []
-            for _ in range(args.reps):
-                t = time.perf_counter()
-                baseline(weights, tmp / "copy.caffemodel")
-                base.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                result = prune(model, weights, tmp / "pruned", criterion)
-                pruned.append(time.perf_counter() - t)
+            prune_cmd, base_cmd = process_commands(model, weights, tmp, criterion)
+            for rep in range(args.reps):
+                for which in ((0, 1) if rep % 2 == 0 else (1, 0)):    # alternate the order: first runs pay more
+                    t = time.perf_counter()
+                    if which == 0 and args.process:
+                        timed_process(base_cmd)
+                    elif which == 0:
+                        baseline(weights, tmp / "copy.caffemodel")
+                    elif args.process:
+                        timed_process(prune_cmd)
+                    else:
+                        prune(model, weights, tmp / "pruned", criterion)
+                    (base if which == 0 else pruned).append(time.perf_counter() - t)
+            result = prune(model, weights, tmp / "pruned", criterion)
             b, p = statistics.median(base), statistics.median(pruned)
             out_size = (tmp / "pruned.caffemodel").stat().st_size
             print(f"\n{key}: {values:,} values, {size / 1e6:.0f} MB -> pruned {out_size / 1e6:.0f} MB "
                   f"({result.report.removed} of {result.report.prunable} channels, criterion {criterion})")
+            if args.process:
+                print("  whole processes: `python -m slim prune` against `python -c` numpy-only read + write")
             print(f"  read + write  median {b:.3f} s, best {min(base):.3f} s  "
                   f"(runs: {', '.join(f'{x:.3f}' for x in base)})")
             print(f"  slim prune    median {p:.3f} s, best {min(pruned):.3f} s  "

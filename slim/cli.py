@@ -8,6 +8,7 @@ message and exit with status 2, never a traceback.
 import argparse
 import importlib
 import sys
+from typing import Optional
 
 from slim import __version__
 from slim.errors import SlimError
@@ -18,13 +19,17 @@ COMMANDS = ["train", "test", "time", "prune", "decompose", "pipeline", "calflop"
             "convert_mnist_data", "export", "import"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every available subcommand."""
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The argument parser with every available subcommand, or with ``command`` alone.
+
+    Registering a command imports its module and the library it runs (slim.data, slim.net, torch, ...), so a run
+    of one command registers that command only: ``slim prune`` starts without loading what training needs.
+    """
     parser = argparse.ArgumentParser(prog="slim", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"slim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMANDS:
+    for name in COMMANDS if command is None else [command]:
         try:
             module = importlib.import_module(f"slim.commands.{name}")
         except ModuleNotFoundError as e:
@@ -37,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Entry point of the ``slim`` console script."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = argv[0] if argv else None
+    parser = build_parser(first if first in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
