@@ -343,8 +343,11 @@ class _Wire:
     def other_kind(self) -> str:
         """Recognise a caffemodel read as a solverstate and a solverstate read as a caffemodel (the two files a
         snapshot writes side by side), by walking the top-level fields; "" when the file is neither."""
+        if getattr(self, "_probing", False):
+            return ""          # field() failed inside this walk and asks corrupt() for a hint: none
         fields = {}
         pos = 0
+        self._probing = True
         try:
             for _ in range(100000):
                 if pos >= self.size:
@@ -356,6 +359,8 @@ class _Wire:
                 return ""
         except ParseError:
             return ""
+        finally:
+            self._probing = False
 
         def fits(descriptor) -> bool:
             for number, (wire, _, _) in fields.items():
