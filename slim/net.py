@@ -173,6 +173,7 @@ class Net(nn.Module):
         self.training = graph.phase == pb.TRAIN  # a net starts in the torch mode of its phase (see train())
         self._fuse_bn = fuse_bn
         self._plan = self._make_plan(fuse_bn)
+        self._release = self._release_after(self._plan)
         if device is not None:
             self.to(device)
         self._source_layers = [n.layer for n in graph.layers if isinstance(n.layer, _SourceLayer)]
@@ -257,6 +258,7 @@ class Net(nn.Module):
         super().train(mode)
         if hasattr(self, "_plan"):
             self._plan = self._make_plan(self._fuse_bn)
+            self._release = self._release_after(self._plan)
         return self
 
     def _make_plan(self, fuse_bn: bool):
@@ -282,6 +284,23 @@ class Net(nn.Module):
             plan.append((node, node.layer.for_mode(self.training) if follows else node.layer, fused))
         return plan
 
+    def _release_after(self, plan) -> List[Tuple[str, ...]]:
+        """For each step of ``plan``, the blob names that no later step reads or writes: forward drops them then.
+
+        A name is a blob with its in-place chain (``values[name]`` holds its latest version), so a name is live
+        from its first top to the last layer that reads or rewrites it. The net's outputs are never dropped.
+        """
+        last: Dict[str, int] = {}
+        for i, (node, _, fused) in enumerate(plan):
+            for name in node.bottoms + (fused or node).tops:
+                last[name] = i
+        release: List[List[str]] = [[] for _ in plan]
+        outputs = set(self.graph.outputs)
+        for name, i in last.items():
+            if name not in outputs:
+                release[i].append(name)
+        return [tuple(names) for names in release]
+
     # ----- run ---------------------------------------------------------------------------------------------
     def forward(self, *args, **inputs) -> NetOutput:
         """Run the net.
@@ -289,15 +308,20 @@ class Net(nn.Module):
         Args:
             *args: input tensors in the order of ``net.inputs`` (alternatively pass them by blob name).
             **inputs: input tensors by blob name (``net(data=x)``); the keyword ``return_blobs=True`` also returns
-                every intermediate blob (as pycaffe's net.blobs), not only the outputs.
+                every intermediate blob (as pycaffe's net.blobs), ``return_blobs=["conv1", ...]`` the outputs and
+                the named blobs (each in its latest in-place version).
 
         Returns:
             NetOutput: output blobs by name (Caffe's order); ``.loss`` is the weighted loss when the net has one.
             Under ``torch.jit.trace`` a plain dict of the same blobs, the only mapping the tracer accepts.
+
+        Every other blob is dropped after the last layer that reads it, so memory holds only the live blobs, as in
+        a hand-written forward (under autograd, the tensors autograd saves for backward stay until backward).
         """
         # return_blobs travels in **inputs so that the signature holds only the inputs: the legacy ONNX exporter
         # appends every defaulted parameter of forward as a positional argument.
-        return_blobs = bool(inputs.pop("return_blobs", False))
+        return_blobs = inputs.pop("return_blobs", False)
+        keep = self._requested_blobs(return_blobs)
         if args:
             if len(args) > len(self.graph.inputs):
                 raise NetError(f"{self.graph.source}: {len(args)} positional inputs given, the net has "
@@ -311,7 +335,7 @@ class Net(nn.Module):
         loss = None
         device = self._device_probe.device
         params = {name: self._layer_blobs(name) for name in self._keys}
-        for node, layer, fused in self._plan:
+        for step, (node, layer, fused) in enumerate(self._plan):
             if node.type == "Input":
                 tops = []
                 for t, shape in zip(node.tops, node.top_shapes):
@@ -336,12 +360,28 @@ class Net(nn.Module):
                 if w:
                     term = tops[j].sum() * w if w != 1 else tops[j].sum()
                     loss = term if loss is None else loss + term
-        names = values if return_blobs else self.graph.outputs
+            if keep is not True:
+                for name in self._release[step]:
+                    if name not in keep:
+                        del values[name]
+        names = values if keep is True else list(self.graph.outputs) + [n for n in keep if n not in self.graph.outputs]
         if torch.jit.is_tracing():
             return {name: values[name] for name in names}
         out = NetOutput((name, values[name]) for name in names)
         out.loss = loss
         return out
+
+    def _requested_blobs(self, return_blobs):
+        """``return_blobs`` as True (keep every blob) or the set of blob names to keep besides the outputs."""
+        if return_blobs is True or return_blobs is False or return_blobs is None:
+            return bool(return_blobs) or frozenset()
+        names = [return_blobs] if isinstance(return_blobs, str) else list(return_blobs)
+        blobs = dict.fromkeys(t for node in self.graph.layers for t in node.tops)
+        unknown = [n for n in names if n not in blobs]
+        if unknown:
+            raise NetError(f"{self.graph.source}: return_blobs names {', '.join(map(repr, unknown))}, which the net "
+                           f"does not have; its blobs are {_names(list(blobs))}.")
+        return dict.fromkeys(names)
 
     @staticmethod
     def _step(node: LayerNode, layer, fused: Optional[LayerNode], params, values) -> Tuple[LayerNode, list]:

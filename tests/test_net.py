@@ -67,6 +67,84 @@ def test_outputs_in_alphabetical_order():
     assert {"data", "label", "zeta", "alpha", "mid"} == set(blobs)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# memory: blobs dropped after their last reader
+
+
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of the storages that ops create while the mode is on and that are still referenced (views once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs, self.peak = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.multiprocessing.reductions import StorageWeakRef
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                self.refs.setdefault(storage.data_ptr(), (StorageWeakRef(storage), storage.nbytes()))
+        self.refs = {k: (r, n) for k, (r, n) in self.refs.items() if not r.expired()}
+        self.peak = max(self.peak, sum(n for _, n in self.refs.values()))
+        return out
+
+
+def chain_net(n=12, in_place_relu=False):
+    layers = ['layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 dim: 8 dim: 8 } } }']
+    x = "data"
+    for i in range(n):
+        layers.append(f'layer {{ name: "c{i}" type: "Convolution" bottom: "{x}" top: "c{i}" convolution_param {{ '
+                      f'num_output: 4 kernel_size: 3 pad: 1 weight_filler {{ type: "xavier" }} }} }}')
+        top = f"c{i}" if in_place_relu else f"r{i}"
+        layers.append(f'layer {{ name: "r{i}" type: "ReLU" bottom: "c{i}" top: "{top}" }}')
+        x = top
+    return make("\n".join(layers))
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_forward_keeps_only_live_blobs(in_place, grad):
+    # A chain of 12 conv + ReLU holds a layer's input and output at once (a forward that kept every blob: 24);
+    # under autograd also what autograd saves: each conv's input and the last ReLU's output (13).
+    net = chain_net(in_place_relu=in_place)
+    x = x_for(net)
+    blob = x.numel() * 4
+    with torch.set_grad_enabled(grad), LiveBytes() as live:
+        out = net(x)
+    bound = (3 if not grad else 14) * blob
+    assert live.peak <= bound, (live.peak / blob)
+    full = net(x, return_blobs=True)
+    torch.testing.assert_close(out[net.outputs[0]], full[net.outputs[0]], rtol=0, atol=0)
+
+
+def test_return_blobs_names_are_kept_and_equal_the_full_forward():
+    net = chain_net()
+    x = x_for(net)
+    full = net(x, return_blobs=True)
+    out = net(x, return_blobs=["c3", "r5"])
+    assert list(out) == net.outputs + ["c3", "r5"]
+    for name in out:
+        torch.testing.assert_close(out[name], full[name], rtol=0, atol=0)
+    assert list(net(x, return_blobs="c0")) == net.outputs + ["c0"]
+    with pytest.raises(NetError, match="'nope'"):
+        net(x, return_blobs=["nope"])
+
+
+def test_freeing_keeps_in_place_chains_and_fan_out():
+    # conv1 is rewritten in place (BN, Scale, ReLU) and read by two layers after that; every output as before.
+    net = make(CONV_BN.replace('layer { name: "fc"', 'layer { name: "side" type: "TanH" bottom: "conv1" top: "side" }\n'
+                               'layer { name: "fc"'))
+    randomise(net)
+    x = x_for(net)
+    full = net(x, return_blobs=True)
+    out = net(x)
+    assert list(out) == ["fc", "side"]
+    for name in out:
+        torch.testing.assert_close(out[name], full[name], rtol=0, atol=0)
+    torch.testing.assert_close(net(x, return_blobs=["conv1"])["conv1"], full["conv1"], rtol=0, atol=0)
+
+
 LOSS_NET = """
 layer { name: "in" type: "Input" top: "data" top: "label" input_param { shape { dim: 4 dim: 6 } shape { dim: 4 } } }
 layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc"

@@ -193,7 +193,10 @@ class Solver:
         self._forward = _CompiledForward(self.net) if compile else self.net
         # The train net's passes can be replaced (slim.caffe runs its own, layer by layer, so every blob's data and
         # diff hold what Caffe's would): an object whose forward() and forward_backward() return a NetOutput.
+        # Likewise test_passes: one stand-in per test net for evaluate (with the net's ``graph``, called for a
+        # NetOutput), so that a test leaves its last batch in the pycaffe test net's blobs.
         self.passes = None
+        self.test_passes = None
         self._loss_weights = output_loss_weights(self.net)
 
         self.iter = 0
@@ -461,7 +464,8 @@ class Solver:
         _log.info("Iteration %d, Testing net (#%d)", self.iter, i)
         if self.progress is not None:
             self.progress.clear()
-        ev = evaluate(self.test_nets[i], self.test_specs[i].test_iter, autocast=self.precision.autocast,
+        net = self.test_nets[i] if self.test_passes is None else self.test_passes[i]
+        ev = evaluate(net, self.test_specs[i].test_iter, autocast=self.precision.autocast,
                       should_stop=lambda: Action.STOP in self._requests)
         if ev is None:
             _log.info("Test of net #%d interrupted by a stop request", i)
