@@ -2,7 +2,9 @@
 
 Each subcommand lives in slim/commands/<name>.py and provides ``register(subparsers)`` (adding its parser, with
 ``func`` set to its ``run(args) -> int``). This module only dispatches: user errors (SlimError) print one clear
-message and exit with status 2, never a traceback.
+message and exit with status 2, never a traceback. Caffe's spellings of flags (``-solver``, ``--sighup_effect``) are
+accepted, an unknown flag is reported by its subcommand with the closest known one, and every subcommand's help has
+a description (slim.commands._args).
 """
 
 import argparse
@@ -11,6 +13,7 @@ import sys
 from typing import Optional
 
 from slim import __version__
+from slim.commands._args import caffe_spelling, merge_model, terminal_text, unknown_flags
 from slim.errors import SlimError
 
 __all__ = ["main", "COMMANDS"]
@@ -37,7 +40,18 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
                 continue  # not built yet
             raise
         module.register(sub)
+    for name, command_parser in sub.choices.items():
+        if not command_parser.description:
+            command_parser.description = next((a.help for a in sub._choices_actions if a.dest == name), None)
+        command_parser.description = terminal_text(command_parser.description)
+        for action in command_parser._actions:
+            action.help = terminal_text(action.help)
     return parser
+
+
+def _command_parser(parser: argparse.ArgumentParser, name: Optional[str]) -> Optional[argparse.ArgumentParser]:
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    return sub.choices.get(name) if sub is not None and name is not None else None
 
 
 def main(argv=None) -> int:
@@ -45,7 +59,13 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     first = argv[0] if argv else None
     parser = build_parser(first if first in COMMANDS else None)
-    args = parser.parse_args(argv)
+    command_parser = _command_parser(parser, first)
+    if command_parser is not None:
+        argv = [first] + caffe_spelling(argv[1:], command_parser)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        (command_parser or parser).error(unknown_flags(command_parser or parser, extras))
+    merge_model(args, command_parser or parser)
     try:
         return int(args.func(args) or 0)
     except SlimError as e:

@@ -78,3 +78,80 @@ def test_default_outputs_are_ignored_by_git():
     for path in paths:
         done = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
         assert done.returncode == 0, f"{path} is not ignored by .gitignore"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one command line: Caffe's spellings, the net argument, devices, unknown flags, help
+
+
+def _help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_every_subcommand_has_a_description_and_no_markup(capsys):
+    from slim.cli import COMMANDS, build_parser
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in COMMANDS:
+        if command not in sub:
+            continue
+        text = _help(command, capsys)
+        description = text.split("\n\n")[1]
+        assert description.strip() and not description.lstrip().startswith(("positional", "options")), command
+        assert "``" not in text, command
+
+
+def test_caffe_single_dash_and_underscore_flags(tmp_path, capsys):
+    # `caffe test -model M -weights W -iterations N` and gflags' --flag_name work as they do in Caffe.
+    from slim.net import Net
+    weights = tmp_path / "w.caffemodel"
+    Net(DEMO_DEPLOY, seed=0).save(weights)
+    assert main(["time", "-model", DEMO_DEPLOY, "-iterations", "1", "-weights", str(weights)]) == 0
+    assert "Average Forward pass" in capsys.readouterr().out
+    assert main(["summary", DEMO_DEPLOY, "--allow_unknown_fields"]) == 0
+    assert "learnable params: 140,458" in capsys.readouterr().out
+
+
+def test_unknown_flags_are_reported_by_the_subcommand_with_a_suggestion(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["calflop", DEMO_DEPLOY, "--baseine", DEMO_DEPLOY])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "slim calflop: error: unrecognized arguments: --baseine (did you mean --baseline?)" in err
+
+
+def test_the_net_is_positional_or_model_everywhere(capsys):
+    for argv in (["summary", "--model", DEMO_DEPLOY], ["summary", "-m", DEMO_DEPLOY], ["calflop", "--model", DEMO_DEPLOY],
+                 ["time", DEMO_DEPLOY, "--iterations", "1"], ["prune", DEMO, "--explain"]):
+        assert main(argv) == 0, argv
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["summary"])
+    assert "the net is required: give its prototxt as NET or --model NET" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["summary", DEMO, "--model", DEMO_DEPLOY])
+    assert "the net was given twice" in capsys.readouterr().err
+
+
+def test_one_device_vocabulary_with_clear_errors(capsys):
+    import torch
+
+    from slim.commands._args import resolve_device
+    from slim.errors import SlimError
+    assert resolve_device(None) == torch.device("cpu") and resolve_device("CPU") == torch.device("cpu")
+    with pytest.raises(SlimError, match="--device tpu is not a device; use cpu, cuda"):
+        resolve_device("tpu")
+    if torch.cuda.is_available():
+        assert resolve_device("gpu") == resolve_device("0") == torch.device("cuda:0")
+        return
+    for spelling in ("cuda", "gpu", "gpu:1", "0"):
+        with pytest.raises(SlimError, match="asks for a GPU, but this torch .* has no CUDA device"):
+            resolve_device(spelling)
+    # The first hour of a real user: `slim calflop --measure --device cuda` on a CPU build was a raw traceback.
+    for argv in (["calflop", DEMO_DEPLOY, "--measure", "--device", "cuda"], ["calflop", DEMO_DEPLOY, "--measure",
+                 "--gpu", "0"], ["time", DEMO_DEPLOY, "--device", "gpu"], ["test", DEMO, "--weights", "w", "-gpu", "0"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "has no CUDA device" in err and "Traceback" not in err, err

@@ -4,6 +4,7 @@ and the measured speed-up. The conventions are stated in slim.flops and in the o
 
 import json
 
+from slim.commands._args import DEVICE_HELP, add_model, resolve_device
 from slim.errors import SlimError
 from slim.flops import calflop, compare, format_text, measure_latencies, measure_latency, to_csv, to_json
 
@@ -11,7 +12,7 @@ from slim.flops import calflop, compare, format_text, measure_latencies, measure
 def register(sub):
     p = sub.add_parser("calflop", help="count MACs/FLOPs, parameters and activation memory; compare with a baseline "
                                        "and measure the speed-up")
-    p.add_argument("model", help="net prototxt")
+    add_model(p, "net prototxt")
     p.add_argument("--baseline", metavar="NET", help="the baseline net prototxt (e.g. the unpruned net)")
     p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"], help="NetState phase (default TEST)")
     p.add_argument("--measure", action="store_true",
@@ -20,7 +21,8 @@ def register(sub):
     p.add_argument("--batch", type=int, help="with --measure: images per forward (default: the net's batch size)")
     p.add_argument("--warmup", type=int, help="with --measure: untimed forwards first (default 3)")
     p.add_argument("--repeats", type=int, help="with --measure: timed forwards (default 10)")
-    p.add_argument("--device", help="with --measure: torch device (default cuda when available, else cpu)")
+    p.add_argument("--device", "--gpu", dest="device",
+                   help=f"with --measure: {DEVICE_HELP} (default cuda when available, else cpu)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     fmt.add_argument("--csv", action="store_true", help="print CSV (per-layer rows, then totals rows)")
@@ -44,7 +46,8 @@ def run(args) -> int:
     if args.measure:
         # Both nets run at the same batch size, so their medians compare like for like.
         timing = dict(batch=args.batch or report.batch, warmup=3 if args.warmup is None else args.warmup,
-                      repeats=10 if args.repeats is None else args.repeats, device=args.device,
+                      repeats=10 if args.repeats is None else args.repeats,
+                      device=None if args.device is None else resolve_device(args.device),
                       allow_unknown_fields=args.allow_unknown_fields)
         if args.baseline:
             # Interleaved runs, so drift on a shared machine does not skew the measured speed-up.

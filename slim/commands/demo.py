@@ -3,8 +3,8 @@
 
 def register(sub):
     p = sub.add_parser("demo", help="baseline, sparse training, pruning and fine-tuning on the built-in digits")
-    p.add_argument("--out", default="slim_demo", help="folder for the prototxts, caffemodels, report and plots "
-                                                       "(default slim_demo)")
+    p.add_argument("--out", "--output", "-o", dest="out", default="slim_demo",
+                   help="folder for the prototxts, caffemodels, report and plots (default slim_demo)")
     p.add_argument("--percent", type=float, default=0.6, help="fraction of channels to prune (default 0.6)")
     p.add_argument("--iterations", type=int, default=800, help="iterations of each training stage (default 800)")
     p.add_argument("--repeats", type=int, default=30, help="timed forward runs per net for the latency (default 30)")

@@ -1,10 +1,12 @@
 """``slim deploy NET``: derive the deploy net from a train/val net (data, loss and accuracy layers replaced by an
 Input layer), as Caffe users otherwise do by hand."""
 
+from slim.commands._args import add_model
+
 
 def register(sub):
     p = sub.add_parser("deploy", help="derive a deploy prototxt from a train/val prototxt")
-    p.add_argument("model", help="train/val net prototxt")
+    add_model(p, "train/val net prototxt")
     p.add_argument("--output", "-o", help="where to write the deploy prototxt (default: print it)")
     p.add_argument("--input-shape", action="append", default=[], metavar="TOP:C,H,W",
                    help="per-sample shape of a data top when it cannot be derived (repeatable)")

@@ -1,5 +1,7 @@
 """``slim pipeline``: sparse training, pruning and fine-tuning chained (multi-pass with --passes)."""
 
+from slim.commands._args import DEVICE_HELP, resolve_device
+
 
 def register(sub):
     p = sub.add_parser("pipeline", help="sparse training -> prune -> fine-tune, repeated --passes times")
@@ -9,12 +11,12 @@ def register(sub):
     p.add_argument("--percent", type=float, required=True, help="fraction of channels to prune in each pass")
     p.add_argument("--passes", type=int, default=1, help="number of sparse/prune/fine-tune passes (default 1)")
     p.add_argument("--weights", help="initial weights for the first sparse training")
-    p.add_argument("--out", default="pipeline", help="output folder (default pipeline)")
+    p.add_argument("--out", "--output", "-o", dest="out", default="pipeline", help="output folder (default pipeline)")
     p.add_argument("--criterion", default="slimming", help="importance criterion (default slimming)")
     p.add_argument("--max-prune-per-layer", type=float, default=1.0,
                    help="at most this fraction of any layer per pass (the paper's multi-pass used 0.5)")
     p.add_argument("--absorb-bias", action="store_true", help="fold removed channels' constants into next biases")
-    p.add_argument("--gpu", default=None, help="GPU id (default CPU)")
+    p.add_argument("--device", "--gpu", dest="device", help=f"where to train: {DEVICE_HELP} (default cpu)")
     p.set_defaults(func=run)
 
 
@@ -27,6 +29,6 @@ def run(args) -> int:
     report = run_pipeline(args.solver, args.finetune_solver, args.percent, passes=args.passes, out_dir=args.out,
                           weights=args.weights, absorb_bias=args.absorb_bias,
                           policy_kwargs={"criterion": args.criterion, "max_prune": args.max_prune_per_layer},
-                          device=f"cuda:{args.gpu}" if args.gpu is not None else None)
+                          device=resolve_device(args.device))
     print(json.dumps(report["passes"], indent=2))
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+from slim.commands._args import add_model
 from slim.errors import PruneError
 
 __all__ = ["register", "run", "parse_count"]
@@ -79,7 +80,7 @@ def _device(text: str) -> str:
 def register(sub) -> None:
     p = sub.add_parser("prune", help="remove channels: rewrite the prototxt and transplant the weights",
                        description=__doc__.splitlines()[0])
-    p.add_argument("--model", "-m", required=True, help="net prototxt (train/test or deploy)")
+    add_model(p, "net prototxt (train/test or deploy)")
     p.add_argument("--weights", "-w", help=".caffemodel matching the net")
     p.add_argument("--output", "-o", help="OUT: writes OUT.prototxt, OUT.caffemodel and OUT.json")
     goal = p.add_argument_group("what to remove (one of)")

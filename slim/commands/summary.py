@@ -1,11 +1,12 @@
 """``slim summary NET``: build a net and print its layers, wiring, top shapes and parameter count."""
 
+from slim.commands._args import add_model
 from slim.graph import build_graph
 
 
 def register(sub):
     p = sub.add_parser("summary", help="build a net and print its layers, shapes and parameter count")
-    p.add_argument("model", help="net prototxt")
+    add_model(p, "net prototxt")
     p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"], help="NetState phase (default TEST)")
     p.add_argument("--stage", action="append", default=[], help="NetState stage (repeatable)")
     p.add_argument("--level", type=int, default=0, help="NetState level")

@@ -1,16 +1,17 @@
-"""``slim test --model NET --weights W --iterations N [--gpu ID]``: score a net (caffe test)."""
+"""``slim test --model NET --weights W --iterations N [--device D]``: score a net (caffe test)."""
 
 import logging
 
+from slim.commands._args import DEVICE_HELP, add_model, resolve_device
 from slim.errors import SlimError
 
 
 def register(sub):
     p = sub.add_parser("test", help="score a trained net: per-batch and averaged outputs (caffe test)")
-    p.add_argument("--model", required=True, help="net prototxt (with data layers for the TEST phase)")
+    add_model(p, "net prototxt (with data layers for the TEST phase)")
     p.add_argument("--weights", required=True, help="comma-separated .caffemodel files")
     p.add_argument("--iterations", type=int, default=50, help="forward passes (default 50, as Caffe)")
-    p.add_argument("--gpu", default=None, help="GPU id to run on (default: CPU)")
+    p.add_argument("--device", "--gpu", dest="device", help=f"where to run: {DEVICE_HELP} (default cpu)")
     p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"], help="net phase (default TEST)")
     p.add_argument("--stage", action="append", default=[], help="NetState stage (repeatable, or comma-separated)")
     p.add_argument("--level", type=int, default=0, help="NetState level")
@@ -20,8 +21,6 @@ def register(sub):
 
 
 def run(args) -> int:
-    import torch
-
     from slim.net import Net
     from slim.solver.evaluate import evaluate
     from slim.solver.logs import fmt, setup_logging
@@ -32,11 +31,9 @@ def run(args) -> int:
     weights = [w for w in args.weights.split(",") if w.strip()]
     if not weights:
         raise SlimError("--weights is empty; slim test needs model weights to score (a .caffemodel).")
-    if args.gpu is not None and not torch.cuda.is_available():
-        raise SlimError(f"--gpu {args.gpu} was given but CUDA is not available; run on the CPU without --gpu.")
     setup_logging(progress=False)
     log = logging.getLogger("slim.commands.test")
-    device = torch.device(f"cuda:{int(args.gpu)}") if args.gpu is not None else torch.device("cpu")
+    device = resolve_device(args.device)
     stages = [s.strip() for entry in args.stage for s in entry.split(",") if s.strip()]
     net = Net(args.model, phase=args.phase, level=args.level, stages=stages, device=device,
               allow_unknown_fields=args.allow_unknown_fields)

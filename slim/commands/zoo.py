@@ -7,7 +7,7 @@ from pathlib import Path
 def register(sub):
     p = sub.add_parser("zoo", help="write (or check, or list) the model zoo's prototxt files")
     p.add_argument("names", nargs="*", help="zoo nets to write (default: all)")
-    p.add_argument("--out", default="nets", help="output folder (default: nets)")
+    p.add_argument("--out", "--output", "-o", dest="out", default="nets", help="output folder (default: nets)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file is missing or stale")
     p.add_argument("--list", action="store_true", help="list the zoo and exit")
     p.set_defaults(func=run)
