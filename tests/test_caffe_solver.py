@@ -7,7 +7,7 @@ import torch
 
 import slim.caffe as caffe
 from slim import proto as pb
-from slim.errors import SolverError
+from slim.errors import NetError, SolverError
 from slim.io import read_solver, write_solver
 from slim.solver import Solver as SlimSolver
 
@@ -152,6 +152,14 @@ def test_test_nets_share_the_train_weights(tmp_path):
     out = s.test_nets[0].forward()
     assert set(out) == {"accuracy", "loss"} and 0 <= float(out["accuracy"]) <= 1
     assert s.test_nets[0].blobs["data"].shape[0] == 120
+    ev = s.slim_solver.test(0)                        # a test the solver runs leaves its batch in the blobs
+    test_net = s.test_nets[0]
+    assert float(test_net.blobs["loss"].data) == pytest.approx(ev.loss, rel=1e-5)      # test_iter 1: that batch
+    with pytest.raises(NetError, match="no forward to go back through"):
+        test_net.backward()                           # the solver's test keeps nothing for backward
+    test_net.forward()
+    test_net.backward()
+    assert test_net.params["fc"][0].diff.any()
 
 
 def test_a_solver_message_type_field(tmp_path):

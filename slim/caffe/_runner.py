@@ -205,8 +205,9 @@ class LayerRunner:
         # blob's buffer instead of writing into it, so the values saved here stay those this layer read.
         return self.data[node.bottoms[j]].detach().requires_grad_(self.bottom_need[node.index][j])
 
-    def forward(self, start: int, end: int) -> float:
-        """Run layers ``start``..``end`` (indices, inclusive); returns the weighted loss of the loss tops computed."""
+    def forward(self, start: int, end: int, record: bool = True) -> float:
+        """Run layers ``start``..``end`` (indices, inclusive); returns the weighted loss of the loss tops computed.
+        With ``record`` False nothing is kept for backward (a solver's test pass)."""
         MIRRORS.push()
         self._follow_inputs()
         params = self.net.params
@@ -222,7 +223,7 @@ class LayerRunner:
                 layer.device = self.device
                 with torch.no_grad():
                     tops = layer.forward([], [])
-            elif self.layer_need[i]:
+            elif self.layer_need[i] and record:
                 bottoms = [self._bottom(node, j) for j in range(len(node.bottoms))]
                 with torch.enable_grad():
                     tops = layer.forward(blobs, bottoms)
@@ -246,10 +247,14 @@ class LayerRunner:
         MIRRORS.push()
         written = set()
         for i in range(start, end - 1, -1):
-            record = self._tape.get(i)
-            if not self.layer_need[i] or record is None:
-                continue
             node = self.graph.layers[i]
+            if not self.layer_need[i] or node.layer.is_data:
+                continue
+            record = self._tape.get(i)
+            if record is None:
+                raise NetError(f"{self.graph.source}: layer {node.name!r} has no forward to go back through (it has "
+                               f"not run since the net was built or reshaped, or only in a solver's test); run "
+                               f"forward over it before backward.")
             bottoms, tops, blobs = record
             outs, grads_out = [], []
             for name, top in zip(node.tops, tops):

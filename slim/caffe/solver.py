@@ -6,7 +6,8 @@
     solver.net.blobs["loss"].data           #   and slim's network-slimming penalty when the solver sets one
 
 Each step runs the train net's passes through the pycaffe net (slim.caffe._runner), so after it every blob holds the
-data and diff of the step's last pass, as in Caffe; the update itself is slim's (``slim.solver.Solver``).
+data and diff of the step's last pass, as in Caffe, and a test the solver runs leaves its last batch in the test
+net's blobs; the update itself is slim's (``slim.solver.Solver``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,21 @@ class _Passes:
         loss = self.runner.forward(0, last)
         self.runner.backward(last, 0)
         return self.runner.outputs(loss)
+
+
+class _TestPass:
+    """A test net's forward for slim's evaluate, run by the pycaffe net so its blobs hold the last test batch."""
+
+    def __init__(self, net: Net) -> None:
+        self.runner = net._runner
+
+    @property
+    def graph(self):
+        return self.runner.graph
+
+    def __call__(self) -> NetOutput:
+        last = len(self.runner.graph.layers) - 1
+        return self.runner.outputs(self.runner.forward(0, last, record=False))
 
 
 class _Callback(Hook):
@@ -86,6 +102,7 @@ class Solver:
         self.net = Net._wrap(self.slim_solver.net, solver_owned=True)
         self.test_nets: List[Net] = [Net._wrap(n, solver_owned=True) for n in self.slim_solver.test_nets]
         self.slim_solver.passes = _Passes(self.net)
+        self.slim_solver.test_passes = [_TestPass(n) for n in self.test_nets]
         self.slim_solver.rule.keep_steps = True     # after an update a param's diff is its step, as in Caffe
 
     @property

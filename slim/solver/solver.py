@@ -427,6 +427,12 @@ class Solver:
         p = self.param
         _log.info("Solving %s", self.net.graph.name or "(unnamed net)")
         _log.info("Learning Rate Policy: %s", p.lr_policy)
+        per_pass = next((int(n.top_shapes[0][0]) for n in self.net.graph.layers
+                         if n.layer.is_data and n.top_shapes and n.top_shapes[0]), 0)
+        # Caffe's multi-GPU rule: every process takes the prototxt's batch, so the update sees world_size times it.
+        _log.info("Effective batch: %d images per update (batch %d x %d process%s x iter_size %d)",
+                  per_pass * self.dist.world_size * max(1, p.iter_size), per_pass, self.dist.world_size,
+                  "" if self.dist.world_size == 1 else "es", max(1, p.iter_size))
         try:
             self.step(p.max_iter - self.iter)
             if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0) \
