@@ -109,6 +109,13 @@ def test_a_solverstate_as_weights_and_a_caffemodel_as_snapshot_are_named(tmp_pat
     assert "re-download" not in err
 
 
+def test_training_logs_the_effective_batch(tmp_path, capsys):
+    # Caffe's rule multiplies the batch by the processes (and iter_size); the log says so at the start.
+    path = write_solver(tmp_path, tiny_net(batch=16), max_iter=1, iter_size=2)
+    assert main(["train", "--solver", str(path)]) == 0
+    assert "Effective batch: 32 images per update (batch 16 x 1 process x iter_size 2)" in capsys.readouterr().out
+
+
 def test_tools_solve_is_the_train_command(tmp_path):
     path = write_solver(tmp_path, tiny_net(), max_iter=2, snapshot_after_train=True)
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "solve.py"), "--solver", str(path), "--quiet"],
