@@ -480,6 +480,12 @@ class Solver:
             _log.info("Test loss: %s", fmt(ev.loss))
         for k, s in enumerate(ev.scores):
             _log.info("    Test net output #%d: %s", k, s)
+        not_finite = [s.name for s in ev.scores if not math.isfinite(s.value)]
+        if not_finite:
+            why = ("an untrained net's BatchNorm has no statistics yet (test_initialization: false skips this test)"
+                   if self.iter == 0 else "training has diverged (lower base_lr or set clip_gradients)")
+            _log.warning("Iteration %d, test net #%d: %s not finite: the net's outputs are NaN or infinite, so its "
+                         "other scores mean nothing; %s.", self.iter, i, ", ".join(not_finite), why)
         if self.metrics is not None:
             record = {"kind": "test", "iter": self.iter, "net": i, "outputs": ev.as_dict()}
             if self.param.test_compute_loss:
