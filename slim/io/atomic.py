@@ -152,11 +152,13 @@ def open_append(path):
             fd = os.open(path, flags, 0o666)
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 os.close(fd)
-                raise OutputError(f"Cannot append to {path}: it is not a regular file. Remove it or choose another "
-                                  f"name.")
+                raise OSError(errno.ENXIO, "not a regular file")
             os.set_blocking(fd, True)
             return os.fdopen(fd, "a", encoding="utf-8")
         except OSError as exc:
+            if exc.errno == errno.ENXIO:  # a FIFO without a reader, a device
+                raise OutputError(f"Cannot append to {path}: it is not a regular file. Remove it or choose another "
+                                  f"name.") from None
             if attempt == 0 and os.path.islink(path):
                 _log.warning("%s was a symbolic link (to %s); it was replaced by a regular file rather than "
                              "followed.", path, os.readlink(path))

@@ -309,11 +309,14 @@ class Solver:
         stop_iter = self.iter + iters
         self.requested_early_exit = False
         self._timer = (time.monotonic(), self.iter)  # Caffe's iteration_timer_ starts with Step
+        deferred: Optional[BaseException] = None  # a failed snapshot write, known only to the root process
         while self.iter < stop_iter:
-            failure: Optional[BaseException] = None
+            failure, deferred = deferred, None
             loss_value = math.nan
             display = False
             try:
+                if failure is not None:
+                    raise _Deferred
                 self._zero_grads()
                 for hook in self.hooks:
                     hook.before_step(self)
@@ -325,6 +328,8 @@ class Solver:
                     pass_loss = self._forward_backward()
                     loss = pass_loss if loss is None else loss + pass_loss
                 loss_value = float(loss) / p.iter_size
+            except _Deferred:
+                pass  # said by the root when it happened; now shared, so that every process stops
             except Exception as e:  # shared with the other processes below, then raised
                 if not self.dist.enabled:
                     raise
@@ -351,18 +356,30 @@ class Solver:
             record = self._display() if display and self.dist.is_root else None
             for hook in self.hooks:
                 hook.after_backward(self)
-            self._apply_update(display, record)
+            try:
+                self._apply_update(display, record)
+            except OutputError as e:  # the metrics file, on the root process
+                if not self.dist.enabled:
+                    raise
+                deferred = e
             self.iter += 1
             for hook in self.hooks:
                 hook.after_step(self)
             if self.progress is not None:
                 self.progress.update(self.iter, p.max_iter, self.smoothed_loss)
             if (p.snapshot and self.iter % p.snapshot == 0) or summed["snapshot"]:
-                self.snapshot()
+                try:
+                    self.snapshot()
+                except OutputError as e:
+                    if not self.dist.enabled:
+                        raise
+                    deferred = deferred or e  # the others learn of it with the next iteration's flags and stop
             if summed["stop"]:
                 self.requested_early_exit = True
                 _log.info("Iteration %d: stop requested", self.iter)
                 break
+        if deferred is not None:
+            raise deferred
 
     def _diverged(self, loss_value: float):
         if not self.dist.is_root:  # the root knows the snapshots and says it once for all
@@ -400,13 +417,13 @@ class Solver:
         rate = self.schedule.rate(self.iter)
         if display:
             _log.info("Iteration %d, lr = %s", self.iter, fmt(rate))
-        if record is not None:
-            record["lr"] = rate
-            if self.metrics is not None:
-                with self._stopping_on_output_error("the metrics file"):
-                    self.metrics.write(record)
         hooks = [self.sparsity] if self.sparsity.penalty else []
         self.precision.step(lambda: self.rule.apply_update(rate, self.iter, gradient_hooks=hooks))
+        if record is not None:
+            record["lr"] = rate
+            if self.metrics is not None:  # after the update: a failed write leaves every process's weights alike
+                with self._stopping_on_output_error("the metrics file"):
+                    self.metrics.write(record)
 
     def apply_update(self) -> None:
         """One update from the gradients now in the params' ``.grad`` (Caffe's ``ApplyUpdate``, as pycaffe exposes
@@ -509,13 +526,15 @@ class Solver:
         if self.device.type == "cuda":
             cuda_rng = all_gather_bytes(torch.cuda.get_rng_state(self.device).numpy().tobytes(), self.dist)
         self._snapshot_iter = self.iter
-        if not self.dist.is_root:
-            return None
         with torch.no_grad():
             norms = torch._foreach_norm([t for t in self._tensors if t.numel()])
             finite = bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
-        if not finite:
+        # The root's weights are the ones written (BatchNorm statistics may differ per process): its verdict is
+        # shared, so that every process stops together and only the root says why.
+        if not all_gather_bytes(bytes([finite]), self.dist)[0][0]:
             self._diverged_weights()
+        if not self.dist.is_root:
+            return None
         if self.progress is not None:
             self.progress.clear()
         data = [DataPosition(name, epoch, position, key) for key, net in self._data_nets().items()
@@ -546,6 +565,8 @@ class Solver:
         return 4 * (blobs + sum(h.numel() for h in self.rule.history))
 
     def _diverged_weights(self):
+        if not self.dist.is_root:
+            raise PeerFailure(f"Iteration {self.iter}: the weights are no longer finite; process 0 reports it.")
         keep = f"the last snapshot, {self.last_snapshot}, is kept" if self.last_snapshot else "no snapshot was written"
         raise SolverError(f"Iteration {self.iter}: the weights are no longer finite, so this snapshot is not written "
                           f"({keep}). Lower base_lr or set clip_gradients.")
@@ -647,6 +668,10 @@ class Solver:
                 _log.warning("%s has no data position for layer(s) %s of %s; they start from the beginning of "
                              "their data.", state.path, ", ".join(missing), which)
             net.load_data_state(saved)
+
+
+class _Deferred(Exception):
+    """Skips an iteration's work on the process that must share a failure it had before."""
 
 
 class _CompiledForward:
