@@ -47,6 +47,8 @@ def demo_solver(stage: str, net_path: str = "nets/demo_digits.prototxt", prefix:
     s.net = net_path
     s.test_iter.append(3)  # 3 x 120 = the 360 test digits
     s.test_interval = max(1, max_iter // 4)
+    if stage != "finetune":
+        s.test_initialization = False  # an untrained net's BatchNorm has no statistics yet: its test is noise
     s.base_lr = 0.01 if stage == "finetune" else 0.1
     s.lr_policy = "multistep"
     s.gamma = 0.1

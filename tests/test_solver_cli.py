@@ -116,6 +116,38 @@ def test_training_logs_the_effective_batch(tmp_path, capsys):
     assert "Effective batch: 32 images per update (batch 16 x 1 process x iter_size 2)" in capsys.readouterr().out
 
 
+def test_nan_scores_are_wrong_and_a_nan_test_output_is_flagged(tmp_path, caplog):
+    # The first hour of a real user: ResNet-164's iteration-0 test printed accuracy = 1 beside loss = nan, because
+    # NaN logits passed Accuracy (as in Caffe, where NaN compares false).
+    import torch
+
+    from slim.io import parse_net
+    from slim.net import Net
+    net = Net(parse_net("""
+        layer { name: "in" type: "Input" top: "s" top: "l" input_param { shape { dim: 4 dim: 3 } shape { dim: 4 } } }
+        layer { name: "acc" type: "Accuracy" bottom: "s" bottom: "l" top: "acc" }"""))
+    scores = torch.tensor([[3.0, 1, 0], [float("nan")] * 3, [0, float("nan"), 5], [0, 2, 1]])
+    assert float(net(s=scores, l=torch.tensor([0.0, 0, 2, 1]))["acc"]) == 0.5     # rows 0 and 3 right, 1 and 2 NaN
+    broken = tiny_net().replace('bottom: "ip" bottom: "label" top: "loss"', 'bottom: "nan" bottom: "label" top: "loss"')
+    broken = broken.replace('bottom: "ip" bottom: "label" top: "acc"', 'bottom: "nan" bottom: "label" top: "acc"')
+    broken = broken.replace('layer { name: "loss"', 'layer { name: "sqrt" type: "Power" bottom: "ip" top: "nan" '
+                            'power_param { power: 0.5 scale: -1 shift: -1000 } }\nlayer { name: "loss"')
+    path = write_solver(tmp_path, broken, test_iter=1, test_interval=1)
+    with caplog.at_level("INFO", logger="slim"):
+        Solver(path, metrics=False).test(0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.endswith("Test net output #0: acc = 0") for m in messages), messages
+    warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warning) == 1 and "loss not finite" in warning[0] and "test_initialization: false" in warning[0]
+
+
+def test_the_zoo_solvers_that_train_from_scratch_skip_the_iteration_0_test():
+    # An untrained net's BatchNorm has no statistics: the iteration-0 test is NaN noise.
+    for path in sorted((ROOT / "solvers").glob("*.prototxt")):
+        if path.name.startswith(("vgg19", "resnet164", "densenet40", "demo_digits")) and "finetune" not in path.name:
+            assert read_solver(path).test_initialization is False, path.name
+
+
 def test_tools_solve_is_the_train_command(tmp_path):
     path = write_solver(tmp_path, tiny_net(), max_iter=2, snapshot_after_train=True)
     result = subprocess.run([sys.executable, str(ROOT / "tools" / "solve.py"), "--solver", str(path), "--quiet"],

@@ -124,7 +124,10 @@ class SoftmaxWithLoss(_ClassifierLoss):
 @register
 class Accuracy(_ClassifierLoss):
     """Top-k accuracy. A prediction is correct iff fewer than top_k OTHER classes score >= the true class, so ties
-    count against it. An optional second top gives the per-class accuracy."""
+    count against it. An optional second top gives the per-class accuracy.
+
+    A sample with a NaN score is wrong. (Caffe counts it right: NaN compares false, so no class beats the true one,
+    and a net that outputs only NaN scored accuracy 1 next to a NaN loss.)"""
 
     type = "Accuracy"
     num_tops = (1, 2)
@@ -146,7 +149,7 @@ class Accuracy(_ClassifierLoss):
             safe = torch.where(keep, labels, torch.zeros_like(labels)).clamp(0, c - 1)
             true_score = scores.gather(1, safe.unsqueeze(1))
             better = (scores >= true_score).sum(1) - 1  # minus the true class itself
-            correct = (better < ap.top_k) & keep
+            correct = (better < ap.top_k) & keep & ~torch.isnan(scores).any(1)
             n = keep.sum()
             acc = torch.where(n > 0, correct.sum().to(torch.float32) / n.clamp(min=1), torch.zeros((), device=n.device))
             tops = [acc.to(bottoms[0].dtype)]
