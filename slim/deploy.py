@@ -8,7 +8,10 @@ A deploy net is the TEST-phase net without data layers, losses and accuracy, fed
 3. remove losses (type ending in "Loss"), Accuracy, and every layer that reads the label or anything computed
    from it (the label is every data top after the first; a data layer's tops are data then label);
 4. put one Input layer named ``input`` first, with each data top that a remaining layer still reads and its shape
-   (batch, C, H, W).
+   (batch, C, H, W);
+5. by default the net ends at the logits (what pruning, calflop and timing compare); with ``softmax=True`` a Softmax
+   layer ``prob`` follows each classifier that fed a SoftmaxWithLoss, as BVLC's deploy files end
+   (``<top>_prob`` when there are several).
 
 Example::
 
@@ -75,7 +78,7 @@ def data_shape(layer: pb.LayerParameter, top_index: int = 0) -> Tuple[int, ...]:
 
 
 def make_deploy(net: pb.NetParameter, *, input_shapes: Optional[Dict[str, Sequence[int]]] = None,
-                batch: int = 1) -> pb.NetParameter:
+                batch: int = 1, softmax: bool = False) -> pb.NetParameter:
     """The deploy form of a train/test net: TEST-phase layers, no data/loss/accuracy, one Input layer first.
 
     Args:
@@ -83,6 +86,8 @@ def make_deploy(net: pb.NetParameter, *, input_shapes: Optional[Dict[str, Sequen
         input_shapes: per-sample shape (C, H, W), without the batch axis, by data top name; overrides the shape
             derived from the data layer. Every name must be an input of the deploy net.
         batch: the first axis of every input shape.
+        softmax: end each classifier with a Softmax ``prob`` layer (BVLC's deploy files); the default ends at the
+            logits.
 
     Returns:
         A new NetParameter. BatchNorm layers keep ``use_global_stats`` unset (the TEST phase implies global
@@ -152,4 +157,26 @@ def make_deploy(net: pb.NetParameter, *, input_shapes: Optional[Dict[str, Sequen
                            f"Input layer takes that name. Rename the layer.")
         deploy.layer.append(input_layer)
     deploy.layer.extend(kept)
+    if softmax:
+        _add_softmax(deploy, filtered, dead)
     return deploy
+
+
+def _add_softmax(deploy: pb.NetParameter, filtered: pb.NetParameter, dead: set) -> None:
+    """Append a Softmax after every blob a SoftmaxWithLoss read (its axis kept): ``prob``, or ``<top>_prob``."""
+    losses = {}
+    for layer in filtered.layer:
+        if layer.type == "SoftmaxWithLoss" and layer.bottom and layer.bottom[0] not in dead:
+            losses.setdefault(layer.bottom[0], layer)
+    if not losses:
+        raise NetError(f"Net {filtered.name!r} has no SoftmaxWithLoss to take the classifier from, so there is no "
+                       f"logit blob to end with a Softmax; derive the deploy net without it.")
+    taken = {layer.name for layer in deploy.layer} | {top for layer in deploy.layer for top in layer.top}
+    for scores, loss in losses.items():
+        name = "prob" if len(losses) == 1 else f"{scores}_prob"
+        if name in taken:
+            raise NetError(f"The deploy net of {filtered.name!r} already has a layer or blob named {name!r}; rename "
+                           f"it to add the Softmax.")
+        prob = deploy.layer.add(name=name, type="Softmax", bottom=[scores], top=[name])
+        if loss.HasField("softmax_param"):
+            prob.softmax_param.CopyFrom(loss.softmax_param)

@@ -187,3 +187,31 @@ def test_zoo_deploy(name):
     assert not {l.type for l in deploy.layer[1:]} & (DATA_LAYER_TYPES | {"Accuracy", "SoftmaxWithLoss"})
     assert all(not l.include and not l.exclude for l in deploy.layer)
     assert all(not l.batch_norm_param.HasField("use_global_stats") for l in deploy.layer if l.type == "BatchNorm")
+
+
+def test_softmax_flag_ends_like_bvlcs_deploy_files():
+    # BVLC's deploy files end with a Softmax "prob"; slim's default ends at the logits (what calflop and pruning
+    # compare), and --softmax gives BVLC's form: LeNet derives to Caffe's own lenet.prototxt exactly.
+    train_test = caffe_net("examples__mnist__lenet_train_test.prototxt")
+    expected = caffe_net("examples__mnist__lenet.prototxt")
+    deploy = make_deploy(train_test, input_shapes={"data": (1, 28, 28)}, batch=64, softmax=True)
+    assert list(deploy.layer[1:]) == list(expected.layer[1:])
+    assert make_deploy(train_test, input_shapes={"data": (1, 28, 28)}).layer[-1].type == "InnerProduct"
+
+
+def test_softmax_flag_on_a_net_and_its_errors(tmp_path, capsys):
+    import torch
+
+    from slim.cli import main
+    from slim.net import Net
+    deploy = make_deploy(parse(TRAIN_TEST), softmax=True)
+    assert [(l.name, l.type, list(l.bottom)) for l in deploy.layer[-1:]] == [("prob", "Softmax", ["ip"])]
+    out = Net(deploy)(data=torch.randn(1, 3, 32, 32))
+    assert list(out) == ["prob"] and torch.allclose(out["prob"].sum(1), torch.ones(1))
+    no_classifier = parse(TRAIN_TEST.replace('type: "SoftmaxWithLoss"', 'type: "EuclideanLoss"'))
+    with pytest.raises(NetError, match="no SoftmaxWithLoss"):
+        make_deploy(no_classifier, softmax=True)
+    path = tmp_path / "net.prototxt"
+    path.write_text(TRAIN_TEST)
+    assert main(["deploy", str(path), "--softmax"]) == 0
+    assert 'type: "Softmax"' in capsys.readouterr().out

@@ -14,6 +14,9 @@ def register(sub):
     p.add_argument("--opencv", action="store_true",
                    help="write for OpenCV's importer: FLOOR pooling as its ceil_mode: false (BVLC Caffe cannot read "
                         "that file; slim reads both). Implied when the input uses that spelling")
+    p.add_argument("--softmax", action="store_true",
+                   help="end each classifier with a Softmax layer 'prob', as BVLC's deploy files do (default: the "
+                        "net ends at the logits)")
     p.add_argument("--allow-unknown-fields", action="store_true", help="skip unknown prototxt fields with a warning")
     p.set_defaults(func=run)
 
@@ -40,7 +43,7 @@ def run(args) -> int:
     if args.batch <= 0:
         raise SlimError(f"--batch must be positive, found {args.batch}.")
     deploy = make_deploy(read_net(args.model, allow_unknown_fields=args.allow_unknown_fields),
-                         input_shapes=_shapes(args.input_shape) or None, batch=args.batch)
+                         input_shapes=_shapes(args.input_shape) or None, batch=args.batch, softmax=args.softmax)
     opencv = args.opencv or spells_ceil_mode(args.model)    # keep the spelling of the reader the input was made for
     if args.output:
         write_net(deploy, args.output, opencv=opencv)
