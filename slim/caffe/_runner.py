@@ -5,8 +5,9 @@ pycaffe reads and writes blobs between layers (``forward(start=..., end=...)``, 
 ``backward(start='prob')``), so a pycaffe net cannot run as one torch function. :class:`LayerRunner` keeps Caffe's
 model over slim's layers (the registry's forwards, the same code ``slim.Net`` runs):
 
-* one data and one diff buffer per blob name, in Caffe's blob order. An in-place layer reads and writes the same
-  buffers, so after a forward a name holds its last version, as Caffe's in-place blobs do;
+* one data and one diff buffer per blob name, in Caffe's blob order. An in-place layer's top becomes the data of
+  the name it read, so after a forward a name holds its last version, as Caffe's in-place blobs do, and both
+  versions share the name's diff;
 * forward runs layers start..end: each reads its bottoms from the buffers, runs its torch forward, and its tops
   become the buffers of their names (nothing is copied: a Flatten's or Split's top shares its bottom's memory, as
   Caffe's ShareData does; a data layer's tops are copied, so writes never reach its dataset). A layer that takes
