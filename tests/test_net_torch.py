@@ -248,3 +248,22 @@ def test_print_shows_every_layer_with_shapes():
     assert "(relu1): ReLU(conv1 -> conv1 2x6x9x9)" in text
     assert "train mode" in repr(net.train())
     assert np.all([f"({n.name}):" in text for n in net.graph.layers])
+
+
+def test_tracing_leaves_no_traced_tensors_behind():
+    # pad 2 > kernel 3 // 2, which torch refuses: slim pads explicitly and divides by window sizes it caches; a
+    # cached traced tensor would make every later eager output a fake tensor.
+    net = make("""
+        layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 2 dim: 8 dim: 8 } } }
+        layer { name: "pool" type: "Pooling" bottom: "data" top: "pool"
+                pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 2 } }
+    """)
+    assert not net.graph.layer("pool").layer.native
+    x = inputs_for(net)[0]
+    torch.export.export(net, (x,), dynamic_shapes=net.batch_dynamic_shapes())  # traced before any eager call
+    torch._dynamo.reset()
+    torch.compile(net, backend="eager", fullgraph=True)(x)
+    after = net(x)["pool"]
+    assert type(after) is torch.Tensor
+    fresh = Net(net.graph)  # the same layers, never traced
+    assert torch.equal(after, fresh(x)["pool"])

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from slim.interop._deps import require
 
-__all__ = ["Comparison", "run_onnxruntime", "compare_with_onnxruntime", "random_inputs"]
+__all__ = ["Comparison", "run_onnxruntime", "compare_with_onnxruntime", "random_inputs", "difference"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +58,26 @@ def random_inputs(net, batch: int, seed: int = 0) -> Dict[str, np.ndarray]:
             for name in net.inputs}
 
 
+def difference(ours: np.ndarray, reference: np.ndarray) -> Tuple[float, float]:
+    """(largest absolute difference, that / the largest |reference| value) of two arrays of one shape.
+
+    NaN in both at one position agrees; NaN (or inf) on one side only is an infinite difference, which Python's
+    max() and numpy's comparisons would otherwise let pass.
+    """
+    a, b = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
+    if not a.size:
+        return 0.0, 0.0
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(a - b)
+    same = (np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b))
+    diff[same] = 0.0
+    diff[np.isnan(diff)] = np.inf
+    largest = float(diff.max())
+    finite = np.abs(b[np.isfinite(b)])
+    scale = float(finite.max()) if finite.size else 0.0
+    return largest, (largest / scale if scale > 0 else largest)
+
+
 def compare_with_onnxruntime(net, path, batch: int = 3, seed: int = 0,
                              inputs: Optional[Mapping[str, np.ndarray]] = None) -> Comparison:
     """Run ``net`` (a slim.Net, evaluated as it is) and the ONNX file on the same inputs and compare every output
@@ -83,10 +103,9 @@ def compare_with_onnxruntime(net, path, batch: int = 3, seed: int = 0,
             from slim.errors import InteropError
 
             raise InteropError(f"output {name!r} has shape {a.shape} in slim and {b.shape} in ONNX Runtime.")
-        diff = float(np.max(np.abs(a - b))) if a.size else 0.0
-        scale = float(np.max(np.abs(b))) if b.size else 0.0
+        diff, rel = difference(a, b)
         max_abs = max(max_abs, diff)
-        max_rel = max(max_rel, diff / scale if scale > 0 else diff)
+        max_rel = max(max_rel, rel)
         names.append(name)
     batch = next(iter(inputs.values())).shape[0] if inputs else batch
     return Comparison(max_abs, max_rel, batch, tuple(names), f"onnxruntime {ort.__version__}")

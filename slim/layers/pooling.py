@@ -129,17 +129,25 @@ class Pooling(Layer):
         padding = (pads[1][0], pads[1][1], pads[0][0], pads[0][1])
         if self.max:
             return F.max_pool2d(F.pad(x, padding, value=-FLT_MAX), self.kernel, self.stride)
-        summed = F.avg_pool2d(F.pad(x, padding), self.kernel, self.stride, divisor_override=1)
-        return summed / self._divisor(h, w, x.device, x.dtype)
+        # Every window lies inside the explicit padding, so avg_pool2d divides by the full kernel area; rescale to
+        # Caffe's divisors. (Not divisor_override: ONNX's AveragePool has none and torch's exporters drop it.)
+        mean = F.avg_pool2d(F.pad(x, padding), self.kernel, self.stride)
+        # A fresh tensor each call from cached numbers: a cached tensor made while torch.export or torch.compile
+        # traces would be a fake tensor, and would leak into every later eager call.
+        rows, cols = self._divisor(h, w)
+        area = float(self.kernel[0] * self.kernel[1])
+        factor = (torch.tensor(rows, dtype=x.dtype, device=x.device)[:, None] *
+                  torch.tensor(cols, dtype=x.dtype, device=x.device)[None, :]).reciprocal_().mul_(area)
+        return mean * factor
 
     @functools.lru_cache(maxsize=4)
-    def _divisor(self, h, w, device, dtype):
+    def _divisor(self, h, w):
+        """Caffe's AVE divisors along H and W: each window clipped to the padded extent."""
         sizes = []
         for n, k, s, p, o in zip((h, w), self.kernel, self.stride, self.pad, self.out):
             starts = [i * s - p for i in range(o)]
-            sizes.append([min(a + k, n + p) - a for a in starts])
-        d = torch.tensor(sizes[0], dtype=dtype)[:, None] * torch.tensor(sizes[1], dtype=dtype)[None, :]
-        return d.to(device)
+            sizes.append(tuple(min(a + k, n + p) - a for a in starts))
+        return tuple(sizes)
 
     def macs(self):
         return count(self.top_shapes[0]) * math.prod(self.kernel)

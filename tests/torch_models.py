@@ -1,0 +1,136 @@
+"""Plain-torch CNNs written by hand for the interop tests (torchvision is not importable here): VGG-, ResNet-18- and
+MobileNet-v2-style nets at CIFAR size, with BatchNorm statistics that are not the identity."""
+
+import torch
+from torch import nn
+
+__all__ = ["vgg_like", "resnet_like", "mobilenet_like", "randomize_batchnorm", "MODELS"]
+
+
+def _conv_bn(cin, cout, k=3, stride=1, groups=1, act=nn.ReLU):
+    layers = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, act(inplace=True)) if act else nn.Sequential(*layers)
+
+
+class VGGLike(nn.Module):
+    """conv-bn-relu stacks with max pooling, then a two-layer classifier with dropout."""
+
+    def __init__(self, widths=(8, "M", 16, "M", 32, 32, "M"), classes=10):
+        super().__init__()
+        layers, cin = [], 3
+        for w in widths:
+            if w == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers.append(_conv_bn(cin, w))
+                cin = w
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Linear(cin * 4 * 4, 24), nn.ReLU(inplace=True), nn.Dropout(0.5),
+                                        nn.Linear(24, classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:  # ResNet's projection shortcut
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNetLike(nn.Module):
+    """ResNet-18's layout (stem, max pool, four stages of two basic blocks, projection shortcuts), narrow."""
+
+    def __init__(self, widths=(8, 16, 24, 32), classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        blocks, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            blocks += [BasicBlock(cin, w, 1 if i == 0 else 2), BasicBlock(w, w, 1)]
+            cin = w
+        self.layers = nn.Sequential(*blocks)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = self.layers(self.maxpool(self.relu(self.bn1(self.conv1(x)))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        hidden = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        layers = [] if expand == 1 else [_conv_bn(cin, hidden, 1, act=nn.ReLU6)]
+        layers += [_conv_bn(hidden, hidden, 3, stride, groups=hidden, act=nn.ReLU6),  # depthwise
+                   _conv_bn(hidden, cout, 1, act=None)]                                   # linear bottleneck
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class MobileNetLike(nn.Module):
+    """MobileNet-v2's layout: ReLU6, depthwise convolutions, inverted residuals with linear bottlenecks."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        setting = [(1, 8, 1, 1), (4, 12, 2, 2), (4, 16, 2, 2), (4, 24, 1, 1)]   # expand, out, repeats, stride
+        layers, cin = [_conv_bn(3, 8, 3, 1, act=nn.ReLU6)], 8
+        for t, c, n, s in setting:
+            for i in range(n):
+                layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+                cin = c
+        layers.append(_conv_bn(cin, 48, 1, act=nn.ReLU6))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(48, classes))
+
+    def forward(self, x):
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine parameters (as a trained net has), in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.25)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return model.eval()
+
+
+def vgg_like(seed=0):
+    torch.manual_seed(seed)
+    return randomize_batchnorm(VGGLike(), seed)
+
+
+def resnet_like(seed=0):
+    torch.manual_seed(seed)
+    return randomize_batchnorm(ResNetLike(), seed)
+
+
+def mobilenet_like(seed=0):
+    torch.manual_seed(seed)
+    return randomize_batchnorm(MobileNetLike(), seed)
+
+
+MODELS = {"vgg": vgg_like, "resnet": resnet_like, "mobilenet": mobilenet_like}
