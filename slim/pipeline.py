@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 from slim import proto as pb
 from slim.errors import SolverError
+from slim.io.atomic import atomic_write
 
 __all__ = ["run_pipeline", "retarget_solver"]
 
@@ -121,5 +122,6 @@ def run_pipeline(sparse_solver: str, finetune_solver: str, percent: float, *, pa
                       "finetune": str(finetuned)},
             "seconds": round(time.perf_counter() - t0, 1)})
         net_path, current_weights = str(paths["prototxt"]), str(finetuned)
-    (out / "pipeline_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    with atomic_write(out / "pipeline_report.json", "w") as f:  # replaces, never follows, a link at the name
+        f.write(json.dumps(report, indent=2) + "\n")
     return report

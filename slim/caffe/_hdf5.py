@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from slim.errors import SlimError, WeightsError
+from slim.io.atomic import atomic_write
 
 __all__ = ["save", "load"]
 
@@ -28,7 +29,9 @@ def save(net, path: str) -> None:
     """Write every layer's owned blobs of a slim Net to ``path``."""
     h5py = _h5py()
     params = net.params
-    with h5py.File(path, "w") as f:
+    # Through atomic_write (h5py writes to a file object): a full disk leaves no partial file and a link at the
+    # name is replaced, not followed.
+    with atomic_write(path, "w+b") as fobj, h5py.File(fobj, "w") as f:
         data = f.create_group("data")
         for node in net.graph.layers:
             group = data.create_group(node.name)

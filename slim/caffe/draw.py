@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from slim import proto as caffe_pb2
 from slim.errors import SlimError
+from slim.io.atomic import atomic_write
 
 __all__ = ["net_to_dot", "get_pydot_graph", "draw_net", "draw_net_to_file"]
 
@@ -117,5 +118,5 @@ def draw_net_to_file(caffe_net, filename, rankdir: str = "LR", phase: Optional[i
     """Draw the net into ``filename``; the format is its extension (``net.png``, ``net.pdf``)."""
     ext = os.path.splitext(str(filename))[1].lstrip(".") or "png"
     data = draw_net(caffe_net, rankdir, ext, phase)
-    with open(filename, "wb") as f:
+    with atomic_write(filename) as f:  # replaces, never follows, a link at the name
         f.write(data)

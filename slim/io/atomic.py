@@ -93,7 +93,7 @@ def atomic_write(path, mode: str = "wb"):
 
     Args:
         path: the file to (re)write; its folder must exist.
-        mode: "wb" or "w" (text, UTF-8).
+        mode: "wb" or "w" (text, UTF-8); "w+b" where the writer also reads back (h5py).
 
     Raises:
         OutputError: the folder is full, read-only or not writable (the temporary file is removed).
