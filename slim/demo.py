@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from slim import proto as pb
 
@@ -57,7 +57,7 @@ def demo_solver(stage: str, net_path: str = "nets/demo_digits.prototxt", prefix:
     s.type = "SGD"
     s.momentum = 0.9
     s.weight_decay = 1e-4
-    s.display = max(1, max_iter // 8)
+    s.display = max(1, max_iter // 40)  # 40 points on the loss curves
     s.average_loss = 10
     s.snapshot = 0
     s.snapshot_prefix = prefix or f"demo_digits_{stage}"
@@ -248,42 +248,64 @@ def _curve(path: Path) -> list:
     return points
 
 
+def _series(points: list, kind: str) -> Tuple[List[int], List[float]]:
+    """(iterations, values) of a metrics file's training losses (``kind`` "loss") or test accuracies ("accuracy")."""
+    xs, ys = [], []
+    for p in points:
+        if kind == "loss" and p.get("kind") == "train" and "loss" in p:
+            xs.append(p["iter"])
+            ys.append(p["loss"])
+        elif kind == "accuracy" and p.get("kind") == "test":
+            acc = next((v for k, v in p.get("outputs", {}).items() if "acc" in k and not isinstance(v, list)), None)
+            if acc is not None:
+                xs.append(p["iter"])
+                ys.append(acc)
+    return xs, ys
+
+
 def _plots(out: Path, before, after, result, curves) -> str:
-    """Write the gamma histograms, channels kept per layer and training curves (PNG, or text without
-    matplotlib); return the path written."""
-    kept = [(c.name, c.before, c.after) for c in result.report.layers]
+    """Write the gamma histograms with the prune threshold, channels kept per layer, training loss and test accuracy
+    curves (PNG, or text without matplotlib); return the path written."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return _text_plots(out, before, after, kept, curves)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    bins = 40
-    top = max(float(before.max()), float(after.max()), 1e-6)
-    axes[0].hist(before, bins=bins, range=(0, top), alpha=0.6, label="baseline")
-    axes[0].hist(after, bins=bins, range=(0, top), alpha=0.6, label="sparse training")
-    axes[0].set_title("|gamma| of the channel scaling factors")
-    axes[0].legend()
-    names = [k[0] for k in kept]
-    axes[1].bar(range(len(kept)), [k[1] for k in kept], label="before", color="lightgray")
-    axes[1].bar(range(len(kept)), [k[2] for k in kept], label="kept")
-    axes[1].set_xticks(range(len(kept)), names, rotation=45, ha="right", fontsize=7)
-    axes[1].set_title("channels per layer")
-    axes[1].legend()
-    for stage, points in curves.items():
-        xs = [p["iter"] for p in points if p.get("kind") == "train" and "loss" in p]
-        ys = [p["loss"] for p in points if p.get("kind") == "train" and "loss" in p]
-        if xs:
-            axes[2].plot(xs, ys, label=stage)
-    axes[2].set_title("training loss")
-    axes[2].set_xlabel("iteration")
-    axes[2].legend()
-    fig.tight_layout()
+        return _text_plots(out, before, after, result, curves)
+    fig = _figure(plt, before, after, result, curves)
     path = out / "demo_plots.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return str(path)
+
+
+def _figure(plt, before, after, result, curves):
+    """The demo's four panels, every axis labelled."""
+    kept = [(c.name, c.before, c.after) for c in result.report.layers]
+    threshold = result.report.cut.get("threshold")
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    top = max(float(before.max()), float(after.max()), 1e-6)
+    axes[0].hist(before, bins=40, range=(0, top), alpha=0.6, label="baseline")
+    axes[0].hist(after, bins=40, range=(0, top), alpha=0.6, label="sparse training")
+    if threshold is not None:
+        axes[0].axvline(threshold, color="red", linestyle="--", label=f"prune threshold {threshold:.3g}")
+    axes[0].set(title="channel scaling factors", xlabel="|gamma|", ylabel="channels")
+    axes[0].legend()
+    axes[1].bar(range(len(kept)), [k[1] for k in kept], label="before", color="lightgray")
+    axes[1].bar(range(len(kept)), [k[2] for k in kept], label="kept")
+    axes[1].set_xticks(range(len(kept)), [k[0] for k in kept], rotation=45, ha="right", fontsize=7)
+    axes[1].set(title="channels per layer", xlabel="layer", ylabel="output channels")
+    axes[1].legend()
+    for panel, kind, title, ylabel in ((2, "loss", "training loss", "loss (smoothed)"),
+                                       (3, "accuracy", "test accuracy", "accuracy")):
+        for stage, points in curves.items():
+            xs, ys = _series(points, kind)
+            if xs:
+                axes[panel].plot(xs, ys, marker="." if kind == "accuracy" else None, label=stage)
+        axes[panel].set(title=title, xlabel="iteration (of each stage)", ylabel=ylabel)
+        axes[panel].legend()
+    fig.tight_layout()
+    return fig
 
 
 def _histogram(values, bins=20, width=50):
@@ -293,16 +315,19 @@ def _histogram(values, bins=20, width=50):
     return [f"{edges[i]:8.4f} | {'#' * int(round(c * width / peak))} {c}" for i, c in enumerate(counts)]
 
 
-def _text_plots(out: Path, before, after, kept, curves) -> str:
+def _text_plots(out: Path, before, after, result, curves) -> str:
+    threshold = result.report.cut.get("threshold")
     lines = ["|gamma| before sparse training (baseline):", *_histogram(before), "",
-             "|gamma| after sparse training:", *_histogram(after), "", "channels kept per layer:"]
-    for name, b, a in kept:
+             "|gamma| after sparse training:", *_histogram(after),
+             f"prune threshold: |gamma| <= {threshold:.4g} removed" if threshold is not None else "", "",
+             "channels kept per layer:"]
+    for name, b, a in [(c.name, c.before, c.after) for c in result.report.layers]:
         lines.append(f"{name:<16} {a:>4}/{b:<4} {'#' * a}{'.' * (b - a)}")
-    lines.append("")
-    for stage, points in curves.items():
-        lines.append(f"training loss, {stage}:")
-        lines.extend(f"  iter {p['iter']:>5}  loss {p['loss']:.4f}" for p in points
-                     if p.get("kind") == "train" and "loss" in p)
+    for kind, label in (("loss", "training loss"), ("accuracy", "test accuracy")):
+        for stage, points in curves.items():
+            lines.append("")
+            lines.append(f"{label}, {stage}:")
+            lines.extend(f"  iter {x:>5}  {kind} {y:.4f}" for x, y in zip(*_series(points, kind)))
     path = out / "demo_plots.txt"
     path.write_text("\n".join(lines) + "\n")
     return str(path)

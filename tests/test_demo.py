@@ -54,3 +54,53 @@ def test_pipeline_two_passes(tmp_path, monkeypatch):
     assert second["params"] < first["params"] < report["baseline"]["params"]
     assert "accuracy" in first["finetune_test"][0]
     assert Path(second["files"]["prototxt"]).exists() and Path(second["files"]["finetune"]).exists()
+
+
+def _fake_result():
+    from types import SimpleNamespace
+    layers = [SimpleNamespace(name="conv1", before=8, after=3), SimpleNamespace(name="conv2", before=16, after=6)]
+    return SimpleNamespace(report=SimpleNamespace(layers=layers, cut={"threshold": 0.05}))
+
+
+CURVES = {"baseline": [{"kind": "train", "iter": 20, "loss": 2.0}, {"kind": "train", "iter": 40, "loss": 1.0},
+                       {"kind": "test", "iter": 40, "outputs": {"accuracy": 0.8, "loss": 0.9}}],
+          "sparse": [{"kind": "train", "iter": 20, "loss": 2.5}, {"kind": "test", "iter": 40,
+                                                                   "outputs": {"accuracy": 0.7}}]}
+
+
+def test_demo_plots_label_every_axis_and_mark_the_threshold(tmp_path):
+    # The first hour of a real user: the PNG had no axis labels, no threshold and no accuracy panel.
+    import numpy as np
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from slim.demo import _figure
+    before, after = np.random.default_rng(0).uniform(0, 1, 24), np.r_[np.zeros(14), np.ones(10)]
+    fig = _figure(plt, before, after, _fake_result(), CURVES)
+    try:
+        titles = [ax.get_title() for ax in fig.axes]
+        assert titles == ["channel scaling factors", "channels per layer", "training loss", "test accuracy"]
+        assert all(ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes)
+        marker = [line for line in fig.axes[0].get_lines() if "threshold" in str(line.get_label())]
+        assert len(marker) == 1 and marker[0].get_xdata()[0] == 0.05
+        accuracy = {line.get_label(): list(line.get_ydata()) for line in fig.axes[3].get_lines()}
+        assert accuracy == {"baseline": [0.8], "sparse": [0.7]}
+    finally:
+        plt.close(fig)
+
+
+def test_demo_text_plots_say_the_threshold_and_the_accuracy(tmp_path, monkeypatch):
+    import builtins
+
+    import numpy as np
+    from slim.demo import _plots
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    path = _plots(tmp_path, np.ones(4), np.zeros(4), _fake_result(), CURVES)
+    text = Path(path).read_text()
+    assert path.endswith(".txt") and "prune threshold: |gamma| <= 0.05 removed" in text
+    assert "test accuracy, baseline:" in text and "accuracy 0.8000" in text
