@@ -339,6 +339,9 @@ def test_start_up_removes_only_stale_temporary_files_of_its_own_prefix(tmp_path,
     link = tmp_path / ".run_iter_9.caffemodel.linkname.tmp"
     link.symlink_to(victim)
     os.utime(link, (old, old), follow_symlinks=False)
+    fifo = tmp_path / ".run_iter_10.caffemodel.fifo1234.tmp"  # opening it must not block the start-up
+    os.mkfifo(fifo)
+    os.utime(fifo, (old, old))
     path = write_solver(tmp_path, tiny_net(batch=4, channels=3), max_iter=2, snapshot=2,
                         snapshot_prefix=str(tmp_path / "run"))
     with open(locked, "rb") as holder, caplog.at_level(logging.WARNING, logger="slim"):
@@ -346,7 +349,7 @@ def test_start_up_removes_only_stale_temporary_files_of_its_own_prefix(tmp_path,
         Solver(path, metrics=False)
     left = {p.name for p in tmp_path.iterdir()}
     assert not left & set(stale)
-    assert set(kept) | {fresh.name, locked.name, link.name} <= left
+    assert set(kept) | {fresh.name, locked.name, link.name, fifo.name} <= left
     assert victim.read_text() == "precious"
     assert caplog.text.count("left by a snapshot write that was interrupted") == len(stale)
 

@@ -208,7 +208,7 @@ class _Probed(Exception):
 
 def temp_pattern(name_regex: str) -> str:
     """The regular expression of :func:`atomic_write`'s temporary files for targets matching ``name_regex``."""
-    return rf"\.(?:{name_regex}){re.escape('.')}{_RANDOM}{re.escape(_SUFFIX)}"
+    return rf"\.(?:{name_regex})\.{_RANDOM}{re.escape(_SUFFIX)}"
 
 
 def remove_stale_temps(folder, name_regex: str) -> list[str]:
@@ -233,9 +233,9 @@ def remove_stale_temps(folder, name_regex: str) -> list[str]:
             continue
         path = os.path.join(folder, name)
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
         except OSError:
-            continue  # a link (O_NOFOLLOW), or gone meanwhile
+            continue  # a link (O_NOFOLLOW), or gone meanwhile; O_NONBLOCK: a FIFO so named does not block
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < _STALE_AFTER_S:
