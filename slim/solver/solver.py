@@ -204,6 +204,8 @@ class Solver:
         self._losses: collections.deque = collections.deque(maxlen=p.average_loss)
         self._requests: set[Action] = set()
         self.requested_early_exit = False
+        self.last_tests: list[Optional[Evaluation]] = []   # test_all's results, at iteration tested_at
+        self.tested_at = -1
         self.last_snapshot: Optional[str] = None
         self._snapshot_iter: Optional[int] = None
         self._last_outputs = None
@@ -304,6 +306,7 @@ class Solver:
 
         Raises:
             SolverError: the loss became NaN or infinite, or another process failed.
+            OutputError: a snapshot or the metrics file could not be written (full or read-only disk).
         """
         p = self.param
         stop_iter = self.iter + iters
@@ -475,8 +478,11 @@ class Solver:
 
     # ----- testing ---------------------------------------------------------------------------------------------
     def test_all(self) -> list[Optional[Evaluation]]:
-        """Test every test net (root process only), as Caffe's ``TestAll``."""
-        return [self.test(i) for i in range(len(self.test_nets))]
+        """Test every test net (root process only), as Caffe's ``TestAll``; kept as ``last_tests``, with
+        ``tested_at`` the iteration they ran at, so a caller needs no second test of the same weights."""
+        self.last_tests = [self.test(i) for i in range(len(self.test_nets))]
+        self.tested_at = self.iter
+        return self.last_tests
 
     def test(self, i: int) -> Optional[Evaluation]:
         """Run test net ``i`` for its ``test_iter`` passes on the current weights and log the means.
@@ -520,6 +526,7 @@ class Solver:
 
         Raises:
             SolverError: the weights are not finite (the previous snapshot is kept).
+            OutputError: the snapshot could not be written (the previous snapshot is kept, no half pair is left).
         """
         rng = all_gather_bytes(torch.get_rng_state().numpy().tobytes(), self.dist)
         cuda_rng = []
