@@ -64,8 +64,9 @@ def _train(param, solver_path: str, weights: Optional[str], device, echo):
     from slim.solver.solver import Solver
     solver = Solver(param, solver_path=solver_path, weights=[weights] if weights else None, device=device)
     solver.solve()
-    tests = [e.as_dict() if e is not None else {} for e in solver.test_all()]
-    return solver, tests
+    # The solve's own final test (Caffe's, when max_iter is a multiple of test_interval) is reused, not repeated.
+    evaluations = solver.last_tests if solver.tested_at == solver.iter else solver.test_all()
+    return solver, [e.as_dict() if e is not None else {} for e in evaluations]
 
 
 def run_pipeline(sparse_solver: str, finetune_solver: str, percent: float, *, passes: int = 1,

@@ -1,6 +1,7 @@
 """slim demo and slim pipeline, end to end on the built-in digits with very short training."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -35,7 +36,14 @@ def test_demo_command_checks_its_flags(capsys):
     assert "--percent" in capsys.readouterr().err
 
 
-def test_pipeline_two_passes(tmp_path, monkeypatch):
+@pytest.fixture
+def _logging():
+    from slim.solver.logs import reset_logging
+    yield
+    reset_logging()  # the pipeline installs a stdout handler; do not leave it pointing at a captured stream
+
+
+def test_pipeline_two_passes(tmp_path, monkeypatch, capsys, _logging):
     from slim.io import read_solver, write_solver
     monkeypatch.chdir(tmp_path)
     (tmp_path / "nets").mkdir()
@@ -54,6 +62,12 @@ def test_pipeline_two_passes(tmp_path, monkeypatch):
     assert second["params"] < first["params"] < report["baseline"]["params"]
     assert "accuracy" in first["finetune_test"][0]
     assert Path(second["files"]["prototxt"]).exists() and Path(second["files"]["finetune"]).exists()
+    # One logging path: Caffe's glog lines (parse_log reads them), and each test once (no second test at the end).
+    out = capsys.readouterr().out
+    testing = [line for line in out.splitlines() if "Testing net" in line]
+    assert testing and all(re.match(r"I\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ \S+:\d+\] Iteration", l) for l in testing)
+    # Per pass: sparse training tests at 6 and 12 (not at 0: test_initialization false), fine-tuning at 0, 6, 12.
+    assert len(testing) == 2 * (2 + 3)
 
 
 def _fake_result():

@@ -22,10 +22,10 @@ def register(sub):
 
 def run(args) -> int:
     import json
-    import logging
 
     from slim.pipeline import run_pipeline
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from slim.solver.logs import setup_logging
+    setup_logging(progress=False)           # the train command's glog lines, which Caffe's parse_log reads
     report = run_pipeline(args.solver, args.finetune_solver, args.percent, passes=args.passes, out_dir=args.out,
                           weights=args.weights, absorb_bias=args.absorb_bias,
                           policy_kwargs={"criterion": args.criterion, "max_prune": args.max_prune_per_layer},
