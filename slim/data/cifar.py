@@ -22,6 +22,7 @@ import math
 import os
 import pickle
 import pickletools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -190,8 +191,10 @@ def load_array_pickle(path) -> object:
             check_allocation(os.fstat(f.fileno()).st_size, f"'{path}' is a pickle of",
                              "Check that it is the dataset file meant.")
             data = f.read()
-        _check_opcodes(data)
-        value = _ArrayUnpickler(io.BytesIO(data), len(data), encoding="bytes").load()
+        with warnings.catch_warnings():  # text-protocol strings with odd escapes warn as they are decoded
+            warnings.simplefilter("ignore", DeprecationWarning)
+            _check_opcodes(data)
+            value = _ArrayUnpickler(io.BytesIO(data), len(data), encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
             OverflowError, MemoryError, RecursionError) as e:
         raise DataError(f"'{path}' could not be read as a pickle of numpy arrays: {e}. Re-download the dataset "
