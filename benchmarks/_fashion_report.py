@@ -95,7 +95,9 @@ def table(results: dict) -> str:
              f"(training {results['splits']['train']['count']:,} images, validation "
              f"{results['splits']['val']['count']:,}, test {results['splits']['test']['count']:,}); "
              f"{s['epochs']:g} epochs of training, {s['finetune_epochs']:g} of fine-tuning; latency: medians of "
-             f"{s['latency_repeats']} interleaved runs, seed 0's nets, {results['latency']['1']['threads']} threads.",
+             f"{results['latency']['1'].get('repeats', s['latency_repeats'])} (batch 1) and "
+             f"{results['latency']['64'].get('repeats', s['latency_repeats'])} (batch 64) interleaved runs of seed 0's "
+             f"nets, {results['latency']['1']['threads']} thread(s).",
              "", head, "|" + "---|" * (head.count("|") - 1)]
     base = entries[0]
     for e in entries:
@@ -111,6 +113,8 @@ def table(results: dict) -> str:
                       "seed 0): " + ", ".join(f"λ={t['lambda']:g}: {t['pruned_val'] * 100:.2f}% "
                                               f"(before FT {t['pruned_val_before_ft'] * 100:.2f}%)"
                                               for t in sel["trials"]) + f" -> λ={sel['chosen']:g}."]
+    for method, error in results.get("failed", {}).items():
+        lines += ["", f"**{method} failed and is left out of the table**: {error}"]
     lines += ["", "Goals:"] + [f"- {g['goal']}: {g['verdict']}" for g in goals(results, entries)]
     return "\n".join(lines) + "\n"
 

@@ -161,3 +161,22 @@ def test_solver_files_are_the_benchmarks_settings():
                 assert getattr(got, field) == getattr(want, field), (path.name, field)
             assert list(got.test_iter) == [100] and got.test_interval == 938, path.name
             assert got.net == ("pruned.prototxt" if stage == "finetune" else f"nets/{net}.prototxt")
+
+
+def test_a_failing_method_is_reported_and_left_out(tmp_path, monkeypatch):
+    """A method that fails (the lasso being built, say) costs its rows, not the run; the table says so."""
+    from slim.errors import PruneError
+    from slim.prune import importance
+
+    def boom(group, blobs):
+        raise PruneError("boom: not built yet")
+
+    monkeypatch.setitem(importance._CRITERIA, "boom", boom)
+    tiny_fashion(tmp_path / "data")
+    args = ARGS[:ARGS.index("--methods")] + ["--methods", "slimming", "boom", "--repeats", "1", "--threads", "1"]
+    assert bench_fashion.main(args + ["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+                                      "--levels", "0.5", "--lambdas", "1e-3"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["method"] for r in results["rows"]] == ["slimming"]
+    assert "boom: not built yet" in results["failed"]["boom"]
+    assert "**boom failed and is left out of the table**" in (tmp_path / "out" / "table.md").read_text()
