@@ -16,7 +16,7 @@ import torch
 from slim import proto as pb
 from slim.data.cifar import load_array_pickle, load_cifar
 from slim.errors import DataError, OutputError, ParseError, ResourceError, SolverError, WeightsError
-from slim.io import atomic_write, read_caffemodel, read_solverstate, write_solverstate
+from slim.io import atomic_write, read_caffemodel, read_net, read_solverstate, write_solverstate
 from slim.net import Net
 from slim.solver import Solver
 from solver_helpers import tiny_net, write_solver
@@ -134,6 +134,8 @@ def test_a_file_larger_than_ulimit_v_is_a_resource_error(tmp_path):
 def test_paths_with_a_nul_byte_are_clear_errors(tmp_path):
     with pytest.raises(ParseError, match="without NUL bytes"):
         read_caffemodel(str(tmp_path / "a\0b.caffemodel"))
+    with pytest.raises(ParseError, match="prototxt path .* contains a NUL byte"):
+        read_net(str(tmp_path / "a\0b.prototxt"))
     with pytest.raises(OutputError, match="contains a NUL byte"):
         with atomic_write(str(tmp_path / "a\0b")):
             pass

@@ -31,6 +31,7 @@ from google.protobuf import text_format
 from slim import proto as pb
 from slim.errors import ParseError
 from slim.io.atomic import atomic_write
+from slim.io.limits import check_allocation
 from slim.io.upgrade import _is_repeated, upgrade_net, upgrade_snapshot_prefix, upgrade_solver
 
 __all__ = ["parse_net", "read_net", "write_net", "net_to_text", "parse_solver", "read_solver", "write_solver",
@@ -523,7 +524,13 @@ def _check_required(message, source: str) -> None:
 def _read_text(path: PathLike) -> str:
     """The UTF-8 text of a prototxt file, or a ParseError that names the path."""
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            check_allocation(size, f"{path} is a prototxt of", "A prototxt is a small text file; check the path.")
+            data = f.read()
+    except ValueError:  # a NUL byte in the path
+        raise ParseError(f"The prototxt path {os.fspath(path)!r} contains a NUL byte, which no file name may hold; "
+                         f"fix the path.") from None
     except FileNotFoundError:
         raise ParseError(f"{path}: no such file. Check the path; a relative path is taken from the working "
                          f"directory {os.getcwd()}.") from None
