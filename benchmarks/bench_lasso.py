@@ -97,6 +97,8 @@ def cost(args) -> dict:
             "passes": len(rec["passes"]), "total_s": round(total, 2), "statistics_s": rec["seconds"]["statistics"],
             "solve_s": rec["seconds"]["solve"], "prefix_forwards_s": round(forwards, 2),
             "ratio_total_to_forwards": round(total / forwards, 3),
+            "in_pass": {k: rec["seconds"][k] for k in ("forward", "gather", "accumulate")},
+            "ratio_total_to_in_pass_forwards": round(rec["seconds"]["total"] / rec["seconds"]["forward"], 3),
             "macs": [result.report.macs_before, result.report.macs_after],
             "refitted": sum(1 for r in rec["layers"] if r["refitted"]), "sliced": sum(1 for r in rec["layers"]
                                                                                        if not r["refitted"]),

@@ -20,6 +20,7 @@ reconstruction repairs the sum, not only the branch.
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
@@ -371,6 +372,9 @@ class StatsPass:
         self.units = units
         self.calibration = calibration
         self.tag = tag
+        # Where a pass's time goes (CPU timings; on a GPU without synchronisation they are only indicative): the two
+        # forward prefixes alone, the sampling and patch gathering in the visitors, the float64 accumulation.
+        self.seconds = {"forward": 0.0, "gather": 0.0, "accumulate": 0.0}
         self.device = current.device
         graph = current.graph
         self.layers = sorted({u.layer for u in units}, key=lambda name: graph.layer(name).index)
@@ -438,11 +442,26 @@ class StatsPass:
                     inv = torch.where(slope.abs() > 1e-12, 1.0 / slope, torch.zeros_like(slope))
                     targets[name] = targets[name] + (others[name] - now) * inv
 
+        visiting = [0.0]
+
+        def timed(fn):
+            def visit(node, values):
+                t = time.perf_counter()
+                fn(node, values)
+                visiting[0] += time.perf_counter() - t
+            return visit
+
         with torch.no_grad():
-            self.original.run_layers(self._feed(images, data_tops, image_top), self.end, visit_original)
-            self.current.run_layers(self._feed(images, data_tops, image_top), self.end, visit_current)
+            t0 = time.perf_counter()
+            self.original.run_layers(self._feed(images, data_tops, image_top), self.end, timed(visit_original))
+            self.current.run_layers(self._feed(images, data_tops, image_top), self.end, timed(visit_current))
+            t1 = time.perf_counter()
             for u, X in pending:
                 self.stats[id(u)].add(X, targets[u.layer][:, u.rows], held)
+            t2 = time.perf_counter()
+        self.seconds["forward"] += t1 - t0 - visiting[0]
+        self.seconds["gather"] += visiting[0]
+        self.seconds["accumulate"] += t2 - t1
 
     def _summands(self, tail, values, p) -> torch.Tensor:
         """The weighted sum of the Eltwise's other bottoms at the sampled positions."""

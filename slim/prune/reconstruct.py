@@ -91,7 +91,8 @@ class ReconstructionResult:
         selections: one dict per pruned group: producers, kept / candidates, alpha, active set size.
         pinned: layer -> why lasso could not prune its output channels (channels pinned before planning).
         calibration: the Calibration settings and the images used.
-        seconds: wall time of the passes (statistics), the solves, and in all.
+        seconds: wall time of the passes (statistics), the solves, and in all; the passes split into the forward
+            prefixes alone ("forward"), sampling and gathering patches ("gather") and accumulating ("accumulate").
         passes: the last layer each pass ran to (its forward prefix), in order.
     """
 
@@ -315,6 +316,7 @@ def reconstruct_prune(graph: NetGraph, analysis: ChannelAnalysis, blobs: Mapping
         undecided[analysis.groups[g].channels] = True
     progress = _Progress(calibration.progress, len(todo))
     passes: List[str] = []
+    split = {"forward": 0.0, "gather": 0.0, "accumulate": 0.0}
     fit_b, held_b = source.num_batches
     for step, g in enumerate(todo, 1):
         group = analysis.groups[g]
@@ -330,6 +332,8 @@ def reconstruct_prune(graph: NetGraph, analysis: ChannelAnalysis, blobs: Mapping
             progress.show(step, label, index + 1, fit_b + held_b)
         t1 = time.perf_counter()
         t_stats += t1 - t0
+        for k, v in stats.seconds.items():
+            split[k] += v
         if n_keep < len(cand):
             chosen, info = _select(us, stats, cand, keep | undecided, n_keep, originals, calibration, analysis)
             keep[cand] = False
@@ -359,7 +363,7 @@ def reconstruct_prune(graph: NetGraph, analysis: ChannelAnalysis, blobs: Mapping
     used = {"images_fit": source.fit_images, "images_held_out": source.held_images,
             "source": source.where, **calibration.describe()}
     seconds = {"statistics": round(t_stats, 3), "solve": round(t_solve, 3),
-               "total": round(time.perf_counter() - t_start, 3)}
+               "total": round(time.perf_counter() - t_start, 3), **{k: round(v, 3) for k, v in split.items()}}
     return ReconstructionResult(plan, out, layers, selections, pin_reasons, used, seconds, passes)
 
 
