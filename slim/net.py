@@ -290,6 +290,10 @@ class Net(nn.Module):
         A name is a blob with its in-place chain (``values[name]`` holds its latest version), so a name is live
         from its first top to the last layer that reads or rewrites it. The net's outputs are never dropped.
         """
+        # Steps a prototxt writes in place whose layer can overwrite its bottom (ReLU): see _overwritable.
+        self._in_place = frozenset(i for i, (node, layer, fused) in enumerate(plan)
+                                   if fused is None and hasattr(layer, "apply_in_place") and len(node.bottoms) == 1
+                                   and node.tops == node.bottoms)
         last: Dict[str, int] = {}
         for i, (node, _, fused) in enumerate(plan):
             for name in node.bottoms + (fused or node).tops:
@@ -335,6 +339,10 @@ class Net(nn.Module):
         loss = None
         device = self._device_probe.device
         params = {name: self._layer_blobs(name) for name in self._keys}
+        # Inference in eager mode may overwrite a blob that nothing else holds (a hand-written model's inplace=True);
+        # under autograd the old value may be saved for backward, and compilers plan memory themselves.
+        overwrite = not (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing())
+        given = set()   # storages of the data layers' tops: the caller's or a dataset's memory, never overwritten
         for step, (node, layer, fused) in enumerate(self._plan):
             if node.type == "Input":
                 tops = []
@@ -352,8 +360,12 @@ class Net(nn.Module):
             elif layer.is_data and isinstance(layer, _SourceLayer):
                 layer.device = device
                 tops = layer.forward([], [])
+            elif overwrite and step in self._in_place and _overwritable(node.bottoms[0], values, given):
+                tops = [layer.apply_in_place(values[node.bottoms[0]])]
             else:
                 node, tops = self._step(node, layer, fused, params, values)
+            if overwrite and layer.is_data:
+                given.update(t.untyped_storage().data_ptr() for t in tops)
             for t, v in zip(node.tops, tops):
                 values[t] = v
             for j, w in enumerate(node.loss_weights):
@@ -552,6 +564,17 @@ class Net(nn.Module):
             blobs = " ".join("x".join(map(str, s)) or "scalar" for s in node.blob_shapes)
             lines.append(f"  ({node.name}): {node.type}({flow}{f'; blobs {blobs}' if blobs else ''})")
         return "\n".join(lines) + "\n)"
+
+
+def _overwritable(name: str, values: Mapping[str, torch.Tensor], given: set) -> bool:
+    """Whether blob ``name`` may be overwritten: no other live blob shares its memory (a Split's tops, a Reshape's
+    view), it is not the data layers' memory (the caller's input, a dataset, a cached constant) and not a tensor
+    that requires grad. Layers' results are otherwise their own memory or views of their bottoms."""
+    x = values[name]
+    if x.requires_grad:
+        return False
+    ptr = x.untyped_storage().data_ptr()
+    return ptr not in given and all(k == name or v.untyped_storage().data_ptr() != ptr for k, v in values.items())
 
 
 def _names(items: Sequence[str], limit: int = 8) -> str:

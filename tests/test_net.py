@@ -145,6 +145,67 @@ def test_freeing_keeps_in_place_chains_and_fan_out():
     torch.testing.assert_close(net(x, return_blobs=["conv1"])["conv1"], full["conv1"], rtol=0, atol=0)
 
 
+class OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+ALIASES = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 4 dim: 4 } } }
+layer { name: "r0" type: "ReLU" bottom: "data" top: "data" }
+layer { name: "c" type: "Convolution" bottom: "data" top: "c"
+        convolution_param { num_output: 3 kernel_size: 1 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "split" type: "Split" bottom: "c" top: "a" top: "b" }
+layer { name: "ra" type: "ReLU" bottom: "a" top: "a" }
+layer { name: "flat" type: "Flatten" bottom: "b" top: "flat" }
+layer { name: "rb" type: "ReLU" bottom: "b" top: "b" }
+layer { name: "d" type: "Convolution" bottom: "data" top: "d"
+        convolution_param { num_output: 3 kernel_size: 1 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "rd" type: "ReLU" bottom: "d" top: "d" relu_param { negative_slope: 0.1 } }
+layer { name: "k" type: "DummyData" top: "k" dummy_data_param { shape { dim: 2 dim: 3 dim: 4 dim: 4 }
+        data_filler { type: "constant" value: -1 } } }
+layer { name: "rk" type: "ReLU" bottom: "k" top: "k" }
+layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b" bottom: "d" bottom: "k" top: "sum" }
+"""
+
+
+def test_inference_overwrites_only_blobs_nothing_else_holds():
+    # Under no_grad an in-place ReLU overwrites its bottom (as inplace=True in a hand-written model) unless the memory
+    # is the caller's input, a Split's shared top, a tensor a view reads (Flatten) or a data layer's cached constant.
+    net = make(ALIASES)
+    x = x_for(net)
+    given = x.clone()
+    want = net(x)                                   # autograd on: nothing is overwritten
+    assert not torch.equal(want["flat"], torch.relu(want["flat"]))
+    with torch.no_grad(), OpNames() as ops:
+        got = net(x)
+    assert torch.equal(x, given)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    assert ops.names.count("leaky_relu_.default") == 1 and "relu_.default" not in ops.names
+    with torch.no_grad():
+        again = net(x)
+    torch.testing.assert_close(again["sum"], want["sum"], rtol=0, atol=0)   # DummyData's constant intact
+
+
+@pytest.mark.parametrize("text", [CONV_BN, None])
+def test_inference_relu_in_place_equals_autograd_forward(text):
+    net = make(text) if text else chain_net(in_place_relu=True)
+    randomise(net) if text else None
+    x = x_for(net)
+    want = net(x)
+    with torch.no_grad(), OpNames() as ops:
+        got = net(x)
+    assert "relu_.default" in ops.names and "relu.default" not in ops.names
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+
+
 LOSS_NET = """
 layer { name: "in" type: "Input" top: "data" top: "label" input_param { shape { dim: 4 dim: 6 } shape { dim: 4 } } }
 layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc"

@@ -65,6 +65,11 @@ class ReLU(_Elementwise):
         slope = self.param.relu_param.negative_slope
         return F.relu(x) if slope == 0 else F.leaky_relu(x, slope)
 
+    def apply_in_place(self, x):
+        """``apply`` written into ``x``: slim.Net uses it for an in-place ReLU when nothing else holds ``x``."""
+        slope = self.param.relu_param.negative_slope
+        return F.relu_(x) if slope == 0 else F.leaky_relu_(x, slope)
+
 
 @register
 class PReLU(_Elementwise):
