@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from slim import proto as pb  # noqa: E402
 from slim.errors import SlimError  # noqa: E402
+from slim.io.atomic import atomic_write  # noqa: E402
 from slim.zoo import FASHION_MNIST_SOURCE  # noqa: E402
 
 import _fashion_report as report  # noqa: E402
@@ -145,7 +146,8 @@ def prepare_data(source: str, out: Path, settings: Settings) -> Dict[str, Split]
         for key, idx in (("train", train_idx), ("val", val_idx)):
             write_idx(names[key][0], full.images[idx, 0])
             write_idx(names[key][1], full.labels[idx].astype(np.uint8))
-        stamp.write_text(json.dumps({"spec": spec, "counts": {"train": len(train_idx), "val": len(val_idx)}}))
+        with atomic_write(stamp, "w") as f:
+            f.write(json.dumps({"spec": spec, "counts": {"train": len(train_idx), "val": len(val_idx)}}))
     counts = json.loads(stamp.read_text())["counts"]
     splits = {k: Split(str(names[k][0]), str(names[k][1]), counts[k]) for k in ("train", "val")}
     splits["test"] = Split(str(test_pair[0]), str(test_pair[1]), test.num_samples)
@@ -262,7 +264,8 @@ class Runner:
         record = {"key": key, "model": str(model), "net": str(net_path), "seconds": seconds, "iters": iters,
                   "images_per_s": iters * s.batch / seconds, "loss": float(solver.smoothed_loss)}
         record.update(self.accuracies(net, str(model)))
-        sidecar.write_text(json.dumps(record, indent=1, default=str))
+        with atomic_write(sidecar, "w") as f:  # written last: its presence marks the model complete
+            f.write(json.dumps(record, indent=1, default=str))
         _log(f"{name} (seed {seed}): {seconds:.0f} s ({record['images_per_s']:.0f} images/s), val "
              f"{record['val'] * 100:.2f}%, test {record['test'] * 100:.2f}%")
         return json.loads(sidecar.read_text())
@@ -284,11 +287,21 @@ class Runner:
 
     # -- pruning
     def prune(self, method: str, source: dict, policy, tag: str) -> dict:
-        """Prune ``source``'s model with ``policy`` (a slim.prune.PrunePolicy); returns the pruned net's record."""
+        """Prune ``source``'s model with ``policy`` (a slim.prune.PrunePolicy); returns the pruned net's record.
+        A prune of the same model with the same policy is reused (lasso's calibration takes minutes)."""
         from slim.deploy import make_deploy
         from slim.flops import calflop
         from slim.prune import prune_net, write_pruned
 
+        key = {"source": source["key"], "policy": policy.describe()}
+        tag = f"{tag}_{_digest(key)}"
+        sidecar = self.out / "pruned" / f"{tag}.record.json"
+        if sidecar.is_file():
+            record = json.loads(sidecar.read_text())
+            if record.get("key") == json.loads(json.dumps(key, default=str)) and Path(record["caffemodel"]).is_file():
+                _log(f"{method} ({tag}): cached prune")
+                record["net_param"] = self._read_net(record["prototxt"])
+                return record
         net_path = source["net"]
         start = time.perf_counter()
         result = prune_net(net_path, source["model"], policy)
@@ -300,6 +313,9 @@ class Runner:
                   "prune_seconds": seconds, "policy": policy.describe()}
         pruned_net = self._read_net(paths["prototxt"])
         record.update({f"{k}_before_ft": v for k, v in self.accuracies(pruned_net, record["caffemodel"]).items()})
+        record["key"] = key
+        with atomic_write(sidecar, "w") as f:
+            f.write(json.dumps(record, indent=1, default=str))
         record["net_param"] = pruned_net
         return record
 
@@ -350,7 +366,7 @@ def prune_and_finetune(runner: Runner, seed: int, models: Dict[str, dict], metho
     """One row for one seed: prune ``models[SOURCE_MODEL[method]]``, evaluate, fine-tune, evaluate."""
     s = runner.settings
     source = models[SOURCE_MODEL.get(method, "baseline")]
-    tag = f"{method}_{int(round(level * 100))}_s{seed}_{Path(source['model']).stem.rsplit('_', 1)[-1]}"
+    tag = f"{method}_{int(round(level * 100))}_s{seed}"
     pruned = runner.prune(method, source, policy_for(method, level, target_macs), tag)
     fine = runner.train(f"finetune_{method}_{int(round(level * 100))}", pruned.pop("net_param"), seed,
                         epochs=s.finetune_epochs, lr=s.finetune_lr, weights=pruned["caffemodel"],

@@ -127,7 +127,9 @@ def test_rerun_reuses_the_trained_models(bench_run, capsys):
     again = json.loads((out / "results.json").read_text())
     assert again["trained_now"] == 0
     assert [r["test"] for r in again["rows"]] == [r["test"] for r in results["rows"]]
-    assert "): training" not in capsys.readouterr().out  # the log line of a training run
+    log = capsys.readouterr().out
+    assert "): training" not in log
+    assert log.count("cached prune") == 2 + 4  # nor pruned again: the selection's two and the four rows
 
 
 def test_bad_data_folder(tmp_path, capsys):
