@@ -64,6 +64,9 @@ def test_round_trip(tmp_path, name, exporter):
     imported = import_onnx(path)
     types = [layer.type for layer in imported.net.layer]
     assert types.count("BatchNorm") == types.count("Scale") == count_batchnorm(model)
+    # Layers are named after the torch modules that wrote them (what a user reads in the prune report).
+    convs = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert {lp.name for lp in imported.net.layer if lp.type == "Convolution"} == convs
     assert check_imported(imported, path).max_rel <= 1e-4
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -88,17 +88,21 @@ class InvertedResidual(nn.Module):
 class MobileNetLike(nn.Module):
     """MobileNet-v2's layout: ReLU6, depthwise convolutions, inverted residuals with linear bottlenecks."""
 
-    def __init__(self, classes=10):
+    #: MobileNet-v2's own stages (expand, out, repeats, stride), for full-size nets.
+    V2_SETTING = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                  (6, 320, 1, 1)]
+
+    def __init__(self, classes=10, setting=((1, 8, 1, 1), (4, 12, 2, 2), (4, 16, 2, 2), (4, 24, 1, 1)), stem=8,
+                 last=48):
         super().__init__()
-        setting = [(1, 8, 1, 1), (4, 12, 2, 2), (4, 16, 2, 2), (4, 24, 1, 1)]   # expand, out, repeats, stride
-        layers, cin = [_conv_bn(3, 8, 3, 1, act=nn.ReLU6)], 8
+        layers, cin = [_conv_bn(3, stem, 3, 1, act=nn.ReLU6)], stem
         for t, c, n, s in setting:
             for i in range(n):
                 layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
                 cin = c
-        layers.append(_conv_bn(cin, 48, 1, act=nn.ReLU6))
+        layers.append(_conv_bn(cin, last, 1, act=nn.ReLU6))
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(48, classes))
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last, classes))
 
     def forward(self, x):
         x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)

@@ -303,7 +303,14 @@ def _scope_and_leaf(node) -> Tuple[str, str]:
     if name.startswith("/"):
         parts = [p for p in name.split("/") if p]
         if parts:
-            return ".".join(parts[:-1]), parts[-1]
+            # "/layers/layers.4/downsample/downsample.0/Conv": a Sequential's child repeats its parent's name.
+            path: List[str] = []
+            for part in parts[:-1]:
+                if path and part.startswith(path[-1] + "."):
+                    path[-1] = part
+                else:
+                    path.append(part)
+            return ".".join(path), parts[-1]
     return "", name or node.op_type.lower()
 
 

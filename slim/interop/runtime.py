@@ -24,6 +24,7 @@ class Comparison:
         batch: the batch size compared.
         outputs: the output names compared.
         runtime: "onnxruntime X.Y.Z".
+        nonfinite: output values that are NaN or infinite in both (they agree, but say little).
     """
 
     max_abs: float
@@ -31,10 +32,15 @@ class Comparison:
     batch: int
     outputs: tuple
     runtime: str
+    nonfinite: int = 0
 
     def __str__(self) -> str:
-        return (f"{self.runtime} vs slim at batch {self.batch}: largest difference {self.max_abs:.3g} "
+        text = (f"{self.runtime} vs slim at batch {self.batch}: largest difference {self.max_abs:.3g} "
                 f"({self.max_rel:.3g} relative to the largest output value) over {', '.join(self.outputs)}")
+        if self.nonfinite:
+            text += (f"; {self.nonfinite} output values are NaN or infinite in both (untrained weights or BatchNorm "
+                     f"statistics of 0 can do that: check with the trained weights)")
+        return text
 
 
 def run_onnxruntime(path: str, inputs: Mapping[str, np.ndarray], threads: Optional[int] = None) \
@@ -95,7 +101,7 @@ def compare_with_onnxruntime(net, path, batch: int = 3, seed: int = 0,
 
         raise InteropError(f"{os.fspath(path)} has no output named {', '.join(missing)}; its outputs are "
                            f"{', '.join(theirs)}.")
-    max_abs, max_rel = 0.0, 0.0
+    max_abs, max_rel, nonfinite = 0.0, 0.0, 0
     names: List[str] = []
     for name, value in ours.items():
         a, b = value.detach().cpu().numpy().astype(np.float64), theirs[name].astype(np.float64)
@@ -104,8 +110,9 @@ def compare_with_onnxruntime(net, path, batch: int = 3, seed: int = 0,
 
             raise InteropError(f"output {name!r} has shape {a.shape} in slim and {b.shape} in ONNX Runtime.")
         diff, rel = difference(a, b)
+        nonfinite += int(np.sum(~np.isfinite(a) & ~np.isfinite(b)))
         max_abs = max(max_abs, diff)
         max_rel = max(max_rel, rel)
         names.append(name)
     batch = next(iter(inputs.values())).shape[0] if inputs else batch
-    return Comparison(max_abs, max_rel, batch, tuple(names), f"onnxruntime {ort.__version__}")
+    return Comparison(max_abs, max_rel, batch, tuple(names), f"onnxruntime {ort.__version__}", nonfinite)
