@@ -97,7 +97,9 @@ def table(results: dict) -> str:
              f"{s['epochs']:g} epochs of training, {s['finetune_epochs']:g} of fine-tuning; latency: medians of "
              f"{results['latency']['1'].get('repeats', s['latency_repeats'])} (batch 1) and "
              f"{results['latency']['64'].get('repeats', s['latency_repeats'])} (batch 64) interleaved runs of seed 0's "
-             f"nets, {results['latency']['1']['threads']} thread(s).",
+             f"nets, {results['latency']['1']['threads']} thread(s)"
+             + (f", load average {results['latency']['load_average']:.1f} on {results['machine']['cores']} cores "
+                "while timing" if "load_average" in results["latency"] else "") + ".",
              "", head, "|" + "---|" * (head.count("|") - 1)]
     base = entries[0]
     for e in entries:

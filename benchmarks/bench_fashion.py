@@ -411,7 +411,10 @@ def measure(rows: List[dict], baseline: dict, repeats: int) -> Dict[str, dict]:
         runs = repeats * 10 if batch == 1 else repeats
         lat = measure_latencies(nets, weights=weights, batch=batch, repeats=runs, warmup=3, device="cpu")
         out[str(batch)] = {"baseline": lat[0].median * 1e3, "rows": [x.median * 1e3 for x in lat[1:]],
-                           "threads": lat[0].threads, "repeats": runs}
+                           "threads": lat[0].threads, "repeats": runs,
+                           "min": [min(x.times) * 1e3 for x in lat]}
+    # On a shared machine the medians include waits for a core; the load says how much to trust them.
+    out["load_average"] = os.getloadavg()[0]
     return out
 
 
