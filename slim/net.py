@@ -252,8 +252,8 @@ class Net(nn.Module):
         A net starts in the mode of its phase (TRAIN: train, TEST: eval). In train mode BatchNorm normalises with the
         batch statistics and updates its running sums, and Dropout drops; in eval mode BatchNorm uses the stored
         statistics and Dropout is the identity. A BatchNorm whose prototxt sets ``use_global_stats`` keeps it, and so
-        does a layer whose own ``phase`` differs from the net's (Caffe's explicit settings win). Which layers exist (the NetState include/exclude rules) never changes:
-        that is fixed when the net is built for its phase.
+        does a layer whose own ``phase`` differs from the net's (Caffe's explicit settings win). Which layers exist
+        (the NetState include/exclude rules) never changes: that is fixed when the net is built for its phase.
         """
         super().train(mode)
         if hasattr(self, "_plan"):

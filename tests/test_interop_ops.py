@@ -548,7 +548,8 @@ def test_custom_domain_is_refused(tmp_path):
     node = helper.make_node("FusedConv", ["x"], ["y"], name="fc1", domain="com.microsoft")
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     path = tmp_path / "custom.onnx"
     onnx.save(model, str(path))
     with pytest.raises(InteropError) as e:

@@ -336,6 +336,19 @@ def _node_names(nodes: Sequence) -> Dict[int, str]:
 # folding
 
 
+_CONSTANT_FIELDS = {"value": None, "value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
+                    "value_ints": np.int64}
+
+
+def _constant_array(value, field: str) -> np.ndarray:
+    """The array of a Constant node's ``value`` (a TensorProto) or ``value_float(s)``/``value_int(s)`` attribute."""
+    if field == "value":
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(value)
+    return np.array(value, dtype=_CONSTANT_FIELDS[field])
+
+
 def _fold(ctx: ImportContext, node) -> bool:
     """Evaluate ``node`` into constants when its outputs follow from constants and static shapes; True if done."""
     op = node.op_type
@@ -354,6 +367,11 @@ def _fold(ctx: ImportContext, node) -> bool:
         return True
     if op in _NOT_FOLDABLE or not all(name in ctx.consts for name in present):
         return False
+    if op == "Constant" and len(node.attribute) == 1 and node.attribute[0].name in _CONSTANT_FIELDS:
+        # The common forms directly (exporters write hundreds of them); the rest through the reference operator.
+        value = ctx.attrs(node)[node.attribute[0].name]
+        ctx.consts[node.output[0]] = _constant_array(value, node.attribute[0].name)
+        return True
     if op == "Constant" or present or op in ("ConstantOfShape", "Range"):
         from onnx.reference import ReferenceEvaluator
 
@@ -593,8 +611,9 @@ def check_imported(result: ImportResult, model_path, tolerance: float = 1e-4):
     comparison = compare_with_onnxruntime(imported_net(result), model_path, batch=result.model_batch or 2)
     if not comparison.max_rel <= tolerance:
         raise InteropError(f"{result.source}: the converted net differs from ONNX Runtime by {comparison.max_abs:.3g} "
-                           f"({comparison.max_rel:.3g} relative, more than {tolerance:g}); nothing was written. This is "
-                           f"a slim bug or an operator detail slim does not honour: please report it with the model.")
+                           f"({comparison.max_rel:.3g} relative, more than {tolerance:g}); nothing was written. This "
+                           f"is a slim bug or an operator detail slim does not honour: please report it with the "
+                           f"model.")
     return comparison
 
 

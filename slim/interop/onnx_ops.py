@@ -10,7 +10,7 @@ tensors, a Reshape that moves the batch axis, training-mode nodes.
 |---|---|
 | Conv / ConvTranspose | Convolution / Deconvolution (groups, dilation; pads symmetric or size-preserving) |
 | BatchNormalization | BatchNorm + Scale (in place), so network slimming and every criterion apply |
-| Relu, LeakyRelu, PRelu, Elu, Sigmoid, Tanh, Softplus, Abs, Exp, Log | ReLU, ReLU, PReLU, ELU, Sigmoid, TanH, BNLL, ... |
+| Relu, LeakyRelu, PRelu, Elu, Sigmoid, Tanh, Softplus, Abs, Exp, Log | ReLU, PReLU, ELU, Sigmoid, TanH, BNLL, ... |
 | Clip | ReLU (min 0, no max) or Clip (ReLU6 and the like) |
 | HardSigmoid / HardSwish | Power + Clip (+ Eltwise PROD): Caffe has no hard activations, these are exact |
 | MaxPool / AveragePool, GlobalAveragePool / GlobalMaxPool, ReduceMean / ReduceMax over H, W | Pooling |
@@ -547,7 +547,8 @@ def _gemm(ctx, node):
     if c is not None:
         bias = _channel_vector(c.astype(np.float32), (x.shape[0], w.shape[0]), 1)
         if bias is None:
-            raise ctx.error(node, f"the bias C {c.shape} differs between samples; InnerProduct has one bias per output.")
+            raise ctx.error(node, f"the bias C {c.shape} differs between samples; InnerProduct has one bias per "
+                                  f"output.")
         bias = bias * np.float32(a.get("beta", 1.0))
     lp = ctx.layer(node, "InnerProduct")
     lp.inner_product_param.num_output = int(w.shape[0])
@@ -796,8 +797,8 @@ def _reshape_to(ctx, node, x: Blob, shape: Sequence[int]) -> None:
         ctx.alias(node.output[0], x)
         return
     if not shape or shape[0] != x.shape[0]:
-        raise ctx.error(node, f"it reshapes {x.shape} to {shape}, moving the batch axis; a Caffe net keeps axis 0 as the "
-                              f"batch. Reshape within each sample (x.flatten(1), x.view(x.size(0), ...)).")
+        raise ctx.error(node, f"it reshapes {x.shape} to {shape}, moving the batch axis; a Caffe net keeps axis 0 as "
+                              f"the batch. Reshape within each sample (x.flatten(1), x.view(x.size(0), ...)).")
     lp = ctx.layer(node, "Flatten" if len(x.shape) >= 2 and shape == (x.shape[0], math.prod(x.shape[1:]))
                    else "Reshape")
     if lp.type == "Reshape":
