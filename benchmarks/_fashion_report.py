@@ -39,12 +39,12 @@ def summarise(results: dict) -> List[dict]:
                         "val": _stats([m["val"] for m in models]), "test_before_ft": None,
                         "seeds": [m["test"] for m in models], "latency_1": lat["1"]["baseline"],
                         "latency_64": lat["64"]["baseline"]})
-    seed0 = [r for r in results["rows"] if r["seed"] == 0]
+    timed = [tuple(key) for key in lat["keys"]]
     groups: Dict[tuple, List[dict]] = {}
     for row in results["rows"]:
         groups.setdefault((row["method"], row["level"]), []).append(row)
     for (method, level), rows in groups.items():
-        k = next(i for i, r in enumerate(seed0) if (r["method"], r["level"]) == (method, level))
+        k = timed.index((method, level))
         entries.append({"method": method, "level": level,
                         "params": statistics.fmean(r["params"] for r in rows),
                         "macs": statistics.fmean(r["macs"] for r in rows),
@@ -88,10 +88,11 @@ def table(results: dict) -> str:
     the test error before fine-tuning, and measured CPU latency."""
     entries = summarise(results)
     s = results["settings"]
-    seeds = s["seeds"]
+    seeds = len(results["baseline"]["seeds"])
+    partial = f" (partial: {seeds} of {s['seeds']} seeds done)" if seeds < s["seeds"] else ""
     head = ("| Model | Test error (%) | Parameters | Pruned | MACs (conv+FC) | Pruned | Test error before FT (%) "
             "| CPU ms, batch 1 | CPU ms, batch 64 | Speed-up b1 / b64 | Speed-up ÷ MAC ratio b1 / b64 |")
-    lines = [f"{s['net']} on Fashion-MNIST: test error mean ± sd over {seeds} seed{'s' if seeds > 1 else ''} "
+    lines = [f"{s['net']} on Fashion-MNIST: test error mean ± sd over {seeds} seed{'s' if seeds > 1 else ''}{partial} "
              f"(training {results['splits']['train']['count']:,} images, validation "
              f"{results['splits']['val']['count']:,}, test {results['splits']['test']['count']:,}); "
              f"{s['epochs']:g} epochs of training, {s['finetune_epochs']:g} of fine-tuning; latency: medians of "
@@ -189,7 +190,8 @@ def _plot(results: dict, entries: List[dict], path: Path) -> bool:
     ax.set_xlabel("conv+FC MACs per image (millions)")
     ax.set_ylabel("test accuracy (%), after fine-tuning")
     s = results["settings"]
-    ax.set_title(f"{s['net']} on Fashion-MNIST ({s['seeds']} seed{'s' if s['seeds'] > 1 else ''})")
+    seeds = len(results["baseline"]["seeds"])
+    ax.set_title(f"{s['net']} on Fashion-MNIST ({seeds} seed{'s' if seeds > 1 else ''})")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -415,12 +415,17 @@ def measure(rows: List[dict], baseline: dict, repeats: int) -> Dict[str, dict]:
                            "min": [min(x.times) * 1e3 for x in lat]}
     # On a shared machine the medians include waits for a core; the load says how much to trust them.
     out["load_average"] = os.getloadavg()[0]
+    out["keys"] = [[r["method"], r["level"]] for r in rows]  # which row each entry of "rows" times
     return out
 
 
 def run(settings: Settings, data: str, out: Path, *, verbose: bool = False, device: str = "cpu") -> dict:
     """The whole benchmark; returns (and writes) its results. ``device`` trains and evaluates (e.g. "cuda"); the
-    latencies are always measured on the CPU."""
+    latencies are always measured on the CPU.
+
+    Seed 0 runs to the end first (lambda selection included), then each further seed; the outputs are written after
+    every seed, so a long run cut short still leaves a table (marked partial).
+    """
     import torch
 
     started = time.perf_counter()
@@ -430,18 +435,20 @@ def run(settings: Settings, data: str, out: Path, *, verbose: bool = False, devi
     splits = prepare_data(data, out, settings)
     _log("splits: " + ", ".join(f"{k} {v.count}" for k, v in splits.items()))
     runner = Runner(out, settings, splits, verbose, device)
+    from slim.deploy import make_deploy
+    from slim.flops import calflop
 
-    baselines = {seed: runner.train("baseline", runner.net, seed, epochs=settings.epochs, lr=settings.base_lr)
-                 for seed in range(settings.seeds)}
-    selection = None
-    lam = settings.lambdas[0]
-    if len(settings.lambdas) > 1:
-        selection = select_lambda(runner, baselines[0])
-        lam = selection["chosen"]
+    cost = calflop(make_deploy(with_data(runner.net, splits["train"], splits["test"])))  # at the files' image size
+    baselines: Dict[int, dict] = {}
+    sparse: Dict[int, dict] = {}
     rows: List[dict] = []
     failed: Dict[str, str] = {}  # method -> its error: the reference (slimming) fails the run, others are left out
-    sparse = {}
+    selection, latency, lam = None, None, settings.lambdas[0]
     for seed in range(settings.seeds):
+        baselines[seed] = runner.train("baseline", runner.net, seed, epochs=settings.epochs, lr=settings.base_lr)
+        if seed == 0 and len(settings.lambdas) > 1:
+            selection = select_lambda(runner, baselines[0])
+            lam = selection["chosen"]
         sparse[seed] = runner.train("sparse", runner.net, seed, epochs=settings.epochs, lr=settings.base_lr,
                                     penalty=lam)
         models = {"baseline": baselines[seed], "sparse": sparse[seed]}
@@ -457,30 +464,27 @@ def run(settings: Settings, data: str, out: Path, *, verbose: bool = False, devi
                     failed[method] = f"{type(e).__name__}: {e}"
                     _log(f"  {method} FAILED at {level:.0%}, seed {seed} ({failed[method]}); its rows are left out "
                          "of the results (rerun with the same --out once it is fixed: trained models are reused)")
-    rows = [r for r in rows if r["method"] not in failed]
-    _log("measuring CPU latency (batch 1 and 64, interleaved)")
-    seed0 = [r for r in rows if r["seed"] == 0]
-    latency = measure(seed0, baselines[0], settings.latency_repeats)
-    from slim.deploy import make_deploy
-    from slim.flops import calflop
-
-    cost = calflop(make_deploy(with_data(runner.net, splits["train"], splits["test"])))  # at the files' image size
-    results = {
-        "settings": settings.key(), "lambda": lam, "selection": selection, "data": data,
-        "splits": {k: dataclasses.asdict(v) for k, v in splits.items()},
-        "baseline": {"params": cost.params, "macs": cost.macs("conv+fc"),
-                     "seeds": [dict(baselines[k], seed=k) for k in baselines],
-                     "sparse": [dict(sparse[k], seed=k) for k in sparse]},
-        "rows": rows, "failed": failed, "latency": latency, "trained_now": runner.trained,
-        "seconds": time.perf_counter() - started,
-        "machine": {"device": device, "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M %Z")},
-    }
-    files = report.write_all(results, out)
-    results["files"] = files
-    _log(f"done in {results['seconds'] / 60:.1f} min; trained {runner.trained} models now; wrote "
-         + ", ".join(files.values()))
+        rows = [r for r in rows if r["method"] not in failed]
+        if latency is None:  # seed 0's nets (rows of a method failing later are dropped; their entries unused)
+            _log("measuring CPU latency (batch 1 and 64, interleaved)")
+            latency = measure([r for r in rows if r["seed"] == 0], baselines[0], settings.latency_repeats)
+        results = {
+            "settings": settings.key(), "seeds_done": seed + 1, "lambda": lam, "selection": selection, "data": data,
+            "splits": {k: dataclasses.asdict(v) for k, v in splits.items()},
+            "baseline": {"params": cost.params, "macs": cost.macs("conv+fc"),
+                         "seeds": [dict(baselines[k], seed=k) for k in baselines],
+                         "sparse": [dict(sparse[k], seed=k) for k in sparse]},
+            "rows": rows, "failed": failed, "latency": latency, "trained_now": runner.trained,
+            "seconds": time.perf_counter() - started,
+            "machine": {"device": device, "cpu": platform.processor() or platform.machine(),
+                        "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "torch": torch.__version__, "python": platform.python_version(),
+                        "date": time.strftime("%Y-%m-%d %H:%M %Z")},
+        }
+        files = report.write_all(results, out)
+        results["files"] = files
+        _log(f"{seed + 1} of {settings.seeds} seeds done after {results['seconds'] / 60:.1f} min; trained "
+             f"{runner.trained} models in this run; wrote " + ", ".join(files.values()))
     print(report.read_table(out))
     return results
 

@@ -113,6 +113,10 @@ def test_outputs(bench_run):
     lat = results["latency"]
     assert len(lat["1"]["rows"]) == len(lat["64"]["rows"]) == 4 and min(lat["1"]["rows"]) > 0
     assert [g["goal"] for g in results["goals"]][0].startswith("baseline")
+    assert results["seeds_done"] == 1 and "partial" not in table
+    import _fashion_report
+    cut_short = dict(results, settings=dict(results["settings"], seeds=2))  # as written after seed 0 of 2
+    assert "(partial: 1 of 2 seeds done)" in _fashion_report.table(cut_short)
     pytest.importorskip("matplotlib")
     assert (out / "accuracy_vs_macs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
