@@ -252,6 +252,8 @@ class Runner:
         from slim.solver.solver import Solver
 
         write_solver(param, self.out / "nets" / f"{tag}_solver.prototxt")
+        # The metrics file is appended to: drop what an interrupted run of the same model left.
+        Path(param.snapshot_prefix + ".metrics.jsonl").unlink(missing_ok=True)
         _log(f"{name} (seed {seed}): training {iters} iterations ({epochs:g} epochs of "
              f"{self.splits['train'].count} images, lr {lr:g}{f', penalty {penalty:g}' if penalty else ''})")
         start = time.perf_counter()
