@@ -73,6 +73,8 @@ def filter_net(net: "pb.NetParameter", state: "pb.NetState", source: str = "<net
     """A copy of ``net`` holding only the layers the state includes (Caffe's Net::FilterNet)."""
     out = pb.NetParameter()
     out.CopyFrom(net)
+    if not any(lp.include or lp.exclude for lp in net.layer):
+        return out  # every layer runs in every state: the copy is the filtered net
     del out.layer[:]
     for lp in net.layer:
         if lp.include and lp.exclude:
@@ -266,6 +268,7 @@ def _wire(net: "pb.NetParameter", phase: int, source: str) -> NetGraph:
     owners: Dict[str, Tuple[str, int, Shape, BlobSpec]] = {}
 
     for index, lp in enumerate(net.layer):
+        bottoms, tops = list(lp.bottom), list(lp.top)   # read once: each access of a repeated field makes a wrapper
         if not lp.HasField("phase"):
             lp.phase = phase
         if lp.name in names:
@@ -274,7 +277,7 @@ def _wire(net: "pb.NetParameter", phase: int, source: str) -> NetGraph:
         names.add(lp.name)
         cls = layer_class(lp.type, lp.name, source)
         bottom_ids = []
-        for b in lp.bottom:
+        for b in bottoms:
             if b not in available:
                 later = produced_later.get(b)
                 if later is not None and later != lp.name and any(l.name == later for l in net.layer[index + 1:]):
@@ -287,16 +290,16 @@ def _wire(net: "pb.NetParameter", phase: int, source: str) -> NetGraph:
             bottom_ids.append(available[b])
         bottom_shapes = [shapes[i] for i in bottom_ids]
         layer = cls(lp, bottom_shapes, lp.phase, source)
-        if len(layer.top_shapes) != len(lp.top):
-            raise layer.error(f"produced {len(layer.top_shapes)} top shapes for {len(lp.top)} tops")  # internal
-        for j, b in enumerate(lp.bottom):
+        if len(layer.top_shapes) != len(tops):
+            raise layer.error(f"produced {len(layer.top_shapes)} top shapes for {len(tops)} tops")  # internal
+        for j, b in enumerate(bottoms):
             consumers.setdefault(bottom_ids[j], []).append((index, j))
         # Consumed blobs leave the available set (Caffe's AppendBottom), so outputs are what remains at the end.
-        for b in lp.bottom:
+        for b in bottoms:
             unconsumed.pop(b, None)
         top_ids = []
-        for j, t in enumerate(lp.top):
-            in_place = j < len(lp.bottom) and lp.bottom[j] == t
+        for j, t in enumerate(tops):
+            in_place = j < len(bottoms) and bottoms[j] == t
             if in_place:
                 versions[t] = versions.get(t, 0) + 1
                 tid = f"{t}@{versions[t]}"
@@ -314,10 +317,10 @@ def _wire(net: "pb.NetParameter", phase: int, source: str) -> NetGraph:
             unconsumed[t] = tid
             top_ids.append(tid)
         if lp.type == "Input":
-            inputs.extend(lp.top)
+            inputs.extend(tops)
         loss_weights = _loss_weights(lp, cls, source)
         specs = _blob_specs(layer, owners, source)
-        nodes.append(LayerNode(index, layer, list(lp.bottom), list(lp.top), bottom_ids, top_ids, loss_weights, specs))
+        nodes.append(LayerNode(index, layer, bottoms, tops, bottom_ids, top_ids, loss_weights, specs))
 
     outputs = sorted(unconsumed)
     return NetGraph(net.name, source, phase, net, nodes, inputs, outputs, [unconsumed[o] for o in outputs], shapes,

@@ -75,10 +75,10 @@ def _string(token: str) -> str:
 
 
 def _converter(field):
-    """The function turning a token into ``field``'s value (raising _Decline outside the subset)."""
+    """The function turning a token into ``field``'s value, or None when the field lies outside the subset."""
     kind = field.cpp_type
     if field.containing_oneof is not None or field.type == _FD.TYPE_BYTES:
-        raise _Decline
+        return None
     if kind in _INTEGERS:
         return _int
     if kind in _FLOATS:
@@ -96,16 +96,28 @@ def _converter(field):
                 raise _Decline
             return value.number
         return enum
-    raise _Decline
+    return None
 
 
-_CONVERTERS = {}
+_MESSAGE = object()   # the "converter" of a message field
+_TABLES = {}          # message descriptor -> {field name: (repeated, converter or _MESSAGE or None)}
+
+
+def _table(descriptor):
+    """A message type's fields as the reader needs them (built once per type)."""
+    table = _TABLES.get(descriptor)
+    if table is None:
+        table = _TABLES[descriptor] = {
+            f.name: (_is_repeated(f), (_MESSAGE if f.containing_oneof is None else None)
+                     if f.cpp_type == _FD.CPPTYPE_MESSAGE else _converter(f))
+            for f in descriptor.fields}
+    return table
 
 
 def _merge(tokens, message) -> None:
     """Fill ``message`` from ``tokens``; _Decline (or any exception) when the text leaves the subset."""
     stack = []
-    fields, seen, closer = message.DESCRIPTOR.fields_by_name, set(), None
+    fields, seen, closer = _table(message.DESCRIPTOR), set(), None
     i, n = 0, len(tokens)
     while i < n:
         token = tokens[i]
@@ -113,18 +125,15 @@ def _merge(tokens, message) -> None:
             message, fields, seen, closer = stack.pop()
             i += 1
             continue
-        field = fields.get(token)
-        if field is None:
-            raise _Decline
-        repeated = _is_repeated(field)
+        repeated, convert = fields.get(token, (False, None))
+        if convert is None:
+            raise _Decline   # not a field of this message, or one outside the subset
         if not repeated:
             if token in seen:
                 raise _Decline  # protobuf's Parse refuses a singular field given twice
             seen.add(token)
         nxt = tokens[i + 1] if i + 1 < n else None
-        if field.cpp_type == _FD.CPPTYPE_MESSAGE:
-            if field.containing_oneof is not None:
-                raise _Decline
+        if convert is _MESSAGE:
             if nxt == ":":
                 i += 1
                 nxt = tokens[i + 1] if i + 1 < n else None
@@ -140,14 +149,11 @@ def _merge(tokens, message) -> None:
                 child = getattr(message, token)
                 child.SetInParent()
             stack.append((message, fields, seen, closer))
-            message, fields, seen, closer = child, child.DESCRIPTOR.fields_by_name, set(), close
+            message, fields, seen, closer = child, _table(child.DESCRIPTOR), set(), close
             i += 2
             continue
         if nxt != ":" or i + 2 >= n:
             raise _Decline
-        convert = _CONVERTERS.get(field)
-        if convert is None:
-            convert = _CONVERTERS[field] = _converter(field)
         value = convert(tokens[i + 2])
         if i + 3 < n and tokens[i + 3][0] in "\"'":
             raise _Decline  # adjacent strings concatenate in protobuf; a value followed by a string is an error

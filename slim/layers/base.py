@@ -53,10 +53,17 @@ def layer_class(type_name: str, layer_name: str = "?", source: str = "<net>") ->
                        f"{', '.join(registered_types())}.") from None
 
 
+_LOADED = []
+
+
 def _load_all():
-    # Importing the family modules runs their @register decorators (once; later imports are cached).
+    # Importing the family modules runs their @register decorators. Once: even a cached import statement costs
+    # tens of microseconds, paid per layer of every net built.
+    if _LOADED:
+        return
     from slim.layers import (activation, conv, data, inner_product, loss, norm, pooling,  # noqa: F401
                              structure)
+    _LOADED.append(True)
 
 
 def count(shape: Sequence[int], start: int = 0, end: Optional[int] = None) -> int:
@@ -152,7 +159,7 @@ class Layer:
         self.name = param.name
         self.phase = phase
         self.source = source
-        self.bottom_shapes: List[Shape] = [tuple(int(d) for d in s) for s in bottom_shapes]
+        self.bottom_shapes: List[Shape] = [tuple(map(int, s)) for s in bottom_shapes]
         self.top_shapes: List[Shape] = []
         self.blob_shapes: List[Shape] = []
         self._check_counts()
