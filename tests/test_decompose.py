@@ -398,3 +398,18 @@ def test_the_cli_writes_net_weights_and_report(tmp_path, capsys):
     assert main(args[:3] + ["--rank", "conv2=5", "--output", str(tmp_path / "bad")]) == 2
     assert "--weights is required" in capsys.readouterr().err
     assert not (tmp_path / "bad.prototxt").exists()
+
+
+def test_too_few_samples_keep_the_data_free_factors_and_say_so():
+    """7 fit samples cannot fit conv2's horizontal layer (5 x 5 inputs + 1) nor its 12-output channel split."""
+    net = parse_net(NET)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = decompose_net(net, blobs_with_bias(net), DecomposePolicy(method="3c", ranks={"conv2": 5},
+                                                                           prune_ratio=1),
+                               calibration=calibration(images=8, samples_per_image=1))
+    r = result.report.layers[0]
+    assert r.samples[0] == 7 and "needs 26 samples" in r.note and "needs 13 samples" in r.note
+    assert r.error_fit == pytest.approx(r.error_svd)
+    assert any("raise --calib-images" in w for w in result.report.warnings)
+    assert 0 < r.spectrum_kept < 1

@@ -43,6 +43,7 @@ import torch
 from slim import proto as pb
 from slim.decompose import factor
 from slim.decompose.plan import DecomposePolicy, make_plans
+from slim.decompose.ranks import energy
 from slim.decompose.report import DecomposeReport, LayerDecomposition
 from slim.decompose.rewrite import LayerPlan, chain_macs, decomposed_net, fold_mix, foldable
 from slim.errors import DecomposeError, PruneError
@@ -267,48 +268,73 @@ def _set_channel(blobs, plan: LayerPlan, weight: np.ndarray, cf: factor.ChannelF
     blobs[plan.mix] = [cf.mix.reshape(cf.mix.shape + (1, 1)).astype(np.float32), cf.bias.astype(np.float32)]
 
 
-def _data_free(plan: LayerPlan, weight: np.ndarray, bias: Optional[np.ndarray], blobs) -> None:
-    """The data-free factors of one plan into ``blobs``."""
+def _data_free(plan: LayerPlan, weight: np.ndarray, bias: Optional[np.ndarray], blobs) \
+        -> Tuple[Optional[factor.SpatialFactors], float]:
+    """The data-free factors of one plan into ``blobs``; returns the spatial split (None for "channel") and the
+    fraction of the squared singular values the rank keeps (the spatial split's, or the weights' for "channel")."""
     b = np.zeros(weight.shape[0], np.float32) if bias is None else np.asarray(bias, np.float32)
     if plan.method == "channel":
-        _set_channel(blobs, plan, weight, factor.channel_svd(weight, plan.rank, b))
-        return
+        cf = factor.channel_svd(weight, plan.rank, b)
+        _set_channel(blobs, plan, weight, cf)
+        return None, float(energy(cf.spectrum)[min(plan.rank, len(cf.spectrum)) - 1])
     f = factor.spatial_split(weight, plan.rank)
     blobs[plan.vertical] = [f.vertical]
     if plan.method == "spatial":
         blobs[plan.body] = [f.horizontal, b.copy()]
     else:
         _set_channel(blobs, plan, f.horizontal, factor.channel_svd(f.horizontal, plan.channel_rank, b))
+    return f, float(energy(f.singular_values)[plan.rank - 1])
 
 
-def _fit(plan: LayerPlan, samples: _Samples, weight: np.ndarray, bias: Optional[np.ndarray], blobs, relu: bool,
-         calibration, record: LayerDecomposition) -> None:
-    """The data-driven fits of one plan on its samples; ``blobs`` updated, errors recorded (held-out)."""
+def _fit(plan: LayerPlan, samples: _Samples, weight: np.ndarray, bias: Optional[np.ndarray],
+         spatial: Optional[factor.SpatialFactors], blobs, relu: bool, calibration, record: LayerDecomposition) -> None:
+    """The data-driven fits of one plan on its samples; ``blobs`` updated, errors recorded (held-out). A fit with
+    fewer samples than unknowns per output (D + 1 for the least squares, n + 1 for the GSVD) is not made: the
+    data-free factors stay, and the record's note says so."""
     (Xf, Xh), (Yf, Yh) = samples.X, samples.Y
     ridge = calibration.ridge
-    record.samples = [Xf.shape[0], Xh.shape[0]]
+    N = Xf.shape[0]
+    record.samples = [N, Xh.shape[0]]
     pick = (lambda e: e[1]) if relu else (lambda e: e[0])
+    notes = []
+
+    def channel(R_fit, R_held, R_held0, b0, b, body_weight, svd):
+        n = R_fit.shape[1]
+        if N < n + 1:
+            notes.append(f"the channel decomposition needs {n + 1} samples (the layer's {n} outputs + 1), the "
+                         f"calibration gave {N}: its data-free SVD is kept (raise --calib-images)")
+            cf = factor.channel_svd(body_weight, svd.rank, b)
+        else:
+            cf = factor.channel_gsvd(R_fit, Yf, svd.rank, b, relu)
+        e0 = _errs(_channel_apply(R_held0, b0, svd), Yh)
+        e1 = _errs(_channel_apply(R_held, b, cf), Yh)
+        record.stages["channel"] = {"svd": pick(e0), "fit": pick(e1)}
+        _set_channel(blobs, plan, body_weight, cf)
+        return e0, e1
+
     if plan.method == "channel":
         W = _matrix(weight, bias)
         b = W[-1]
         Rf, Rh = _apply(Xf, W), _apply(Xh, W)                   # the layer whole, on the current inputs
-        first = _errs(Rh, Yh)
-        svd = factor.channel_svd(weight, plan.rank, b)
-        cf = factor.channel_gsvd(Rf, Yf, plan.rank, b, relu)
-        e0, e1 = _errs(_channel_apply(Rh, b, svd), Yh), _errs(_channel_apply(Rh, b, cf), Yh)
-        record.stages["channel"] = {"input": pick(first), "svd": pick(e0), "fit": pick(e1)}
-        _set_channel(blobs, plan, weight, cf)
+        e0, e1 = channel(Rf, Rh, Rh, b, b, weight, factor.channel_svd(weight, plan.rank, b))
+        record.stages["channel"]["input"] = pick(_errs(Rh, Yh))
     else:
-        f = factor.spatial_split(weight, plan.rank)
+        f = spatial
         H0 = _matrix(f.horizontal, bias)
         e0 = _errs(_apply(Xh, H0), Yh)
-        linear = factor.least_squares_fit(Xf, Yf, ridge)
-        H1 = linear
-        if relu:
-            nonlinear = factor.relu_least_squares(Xf, Yf, ridge)
-            # The relaxation is a heuristic: keep whichever fits the post-ReLU responses better on the fit samples.
-            if _errs(_apply(Xf, nonlinear), Yf)[1] <= _errs(_apply(Xf, linear), Yf)[1]:
-                H1 = nonlinear
+        D = Xf.shape[1]
+        if N < D + 1:
+            notes.append(f"the horizontal layer's least squares needs {D + 1} samples (its {D} inputs + 1), the "
+                         f"calibration gave {N}: its data-free SVD factors are kept (raise --calib-images)")
+            H1 = H0
+        else:
+            linear = factor.least_squares_fit(Xf, Yf, ridge)
+            H1 = linear
+            if relu:
+                nonlinear = factor.relu_least_squares(Xf, Yf, ridge)
+                # The relaxation is a heuristic: keep whichever fits the post-ReLU responses better on the fit set.
+                if _errs(_apply(Xf, nonlinear), Yf)[1] <= _errs(_apply(Xf, linear), Yf)[1]:
+                    H1 = nonlinear
         e1 = _errs(_apply(Xh, H1), Yh)
         record.stages["spatial"] = {"svd": pick(e0), "fit": pick(e1)}
         n, d, _, kw = f.horizontal.shape
@@ -317,17 +343,12 @@ def _fit(plan: LayerPlan, samples: _Samples, weight: np.ndarray, bias: Optional[
         if plan.method == "spatial":
             blobs[plan.body] = [h_weight, h_bias]
         else:
-            Rf, Rh = _apply(Xf, H1), _apply(Xh, H1)
-            Rh0 = _apply(Xh, H0)
             svd = factor.channel_svd(f.horizontal, plan.channel_rank, H0[-1])
-            cf = factor.channel_gsvd(Rf, Yf, plan.channel_rank, h_bias, relu)
-            e0 = _errs(_channel_apply(Rh0, H0[-1], svd), Yh)
-            e1 = _errs(_channel_apply(Rh, h_bias, cf), Yh)
-            record.stages["channel"] = {"svd": pick(e0), "fit": pick(e1)}
-            _set_channel(blobs, plan, h_weight, cf)
+            e0, e1 = channel(_apply(Xf, H1), _apply(Xh, H1), _apply(Xh, H0), H0[-1], h_bias, h_weight, svd)
     record.error_svd, record.error_fit = e0[0], e1[0]
     if relu:
         record.error_svd_relu, record.error_fit_relu = e0[1], e1[1]
+    record.note = "; ".join(notes)
 
 
 def _final_errors(original, final, graph: NetGraph, fgraph: NetGraph, plans, records, kept, images: _Images) \
@@ -440,15 +461,16 @@ def decompose_net(net: Union[str, Path, "pb.NetParameter"], weights, policy: Dec
     dblobs: Dict[str, List[np.ndarray]] = {name: [np.asarray(a, np.float32) for a in arrays]
                                            for name, arrays in blobs.items() if name not in {p.name for p in plans}}
     relu = {}
+    spatial: Dict[str, Optional[factor.SpatialFactors]] = {}
     records: Dict[str, LayerDecomposition] = {}
     for p in plans:
         node = graph.layer(p.name)
         relu[p.name] = policy.relu_aware and _followed_by_relu(graph, node)
         w, b = blobs[p.name][0], (blobs[p.name][1] if len(blobs[p.name]) > 1 else None)
-        _data_free(p, np.asarray(w, np.float32), b, dblobs)
+        spatial[p.name], kept_energy = _data_free(p, np.asarray(w, np.float32), b, dblobs)
         records[p.name] = LayerDecomposition(p.name, p.method, p.layers, p.rank, p.channel_rank,
                                              node.layer.channels_out, p.keep, False, relu[p.name],
-                                             chain_macs(graph, [p.name]), 0.0)
+                                             chain_macs(graph, [p.name]), 0.0, spectrum_kept=kept_energy)
     progress = _Progress(bool(calibration is not None and calibration.progress), len(plans))
     t_fit = time.perf_counter()
     original = None
@@ -460,8 +482,8 @@ def decompose_net(net: Union[str, Path, "pb.NetParameter"], weights, policy: Dec
             node = graph.layer(p.name)
             samples = _gather(original, current, node, dgraph.layer(p.body), images, progress, step)
             b = blobs[p.name][1] if len(blobs[p.name]) > 1 else None
-            _fit(p, samples, np.asarray(blobs[p.name][0], np.float32), b, dblobs, relu[p.name], calibration,
-                 records[p.name])
+            _fit(p, samples, np.asarray(blobs[p.name][0], np.float32), b, spatial.pop(p.name), dblobs,
+                 relu[p.name], calibration, records[p.name])
             del samples
             _load(current, dblobs, p.layers)
             r = records[p.name]
@@ -531,6 +553,8 @@ def decompose_net(net: Union[str, Path, "pb.NetParameter"], weights, policy: Dec
         if r.macs_after >= r.macs_before:
             warnings_.append(f"{p.name}: the decomposition costs {r.macs_after:,.0f} MACs per image, not less than "
                              f"the layer's {r.macs_before:,.0f}; lower its rank.")
+        if r.note:
+            warnings_.append(f"{p.name}: {r.note}")
     if pruning:
         warnings_.extend(f"pruning: {w}" for w in pruning["warnings"])
     used = {}

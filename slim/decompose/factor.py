@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -59,11 +59,13 @@ class ChannelFactors:
         combine: n x d' (L): the new first layer's filters are ``combine.T @ W`` (no bias).
         mix: n x d': the 1 x 1 layer's weights (``(S R)^T``).
         bias: n: the 1 x 1 layer's bias (the old bias carried through, plus the fitted offset).
+        spectrum: the weight matrix's singular values (the data-free decomposition's), else None.
     """
 
     combine: np.ndarray
     mix: np.ndarray
     bias: np.ndarray
+    spectrum: Optional[np.ndarray] = None
 
     @property
     def rank(self) -> int:
@@ -209,12 +211,9 @@ def channel_svd(weight: np.ndarray, rank: int, bias: np.ndarray) -> ChannelFacto
     """The data-free rank-``rank`` channel decomposition: the top left singular vectors Q of the n x D weight
     matrix (``T = Q Q^T``, the best rank-d' approximation of the weights), the bias carried whole."""
     Wm = np.asarray(weight, np.float64).reshape(weight.shape[0], -1)
-    U, _, _ = np.linalg.svd(Wm, full_matrices=False)
+    U, s, _ = np.linalg.svd(Wm, full_matrices=rank > min(Wm.shape))   # more filters than columns: all of U
     Q = U[:, :rank]
-    if Q.shape[1] < rank:                       # more filters than the weight's columns: pad with the rest
-        full, _, _ = np.linalg.svd(Wm, full_matrices=True)
-        Q = full[:, :rank]
-    return ChannelFactors(Q, Q.copy(), np.asarray(bias, np.float64).copy())
+    return ChannelFactors(Q, Q.copy(), np.asarray(bias, np.float64).copy(), s)
 
 
 def errors(Y_hat: torch.Tensor, Y_orig: torch.Tensor) -> Tuple[float, float]:

@@ -45,6 +45,9 @@ class LayerDecomposition:
             outputs; sampled on the held-out images by a last pass).
         stages: per stage ("spatial", "channel"): {"svd": error, "fit": error} (after the ReLU where one follows).
         samples: fit and held-out samples (output positions) of the fits.
+        spectrum_kept: the fraction of the squared singular values the rank keeps (of the spatial split's
+            (c k_h) x (n k_w) matrix, or for "channel" of the n x (c k_h k_w) weights).
+        note: why a fit was not made (too few samples), if so.
     """
 
     layer: str
@@ -66,6 +69,8 @@ class LayerDecomposition:
     error_final_relu: Optional[float] = None
     stages: Dict[str, Dict[str, float]] = dataclasses.field(default_factory=dict)
     samples: List[int] = dataclasses.field(default_factory=list)
+    spectrum_kept: Optional[float] = None
+    note: str = ""
 
     @property
     def speedup(self) -> float:
