@@ -413,3 +413,21 @@ def test_too_few_samples_keep_the_data_free_factors_and_say_so():
     assert r.error_fit == pytest.approx(r.error_svd)
     assert any("raise --calib-images" in w for w in result.report.warnings)
     assert 0 < r.spectrum_kept < 1
+
+
+def test_a_fit_on_few_samples_must_beat_the_data_free_factors_on_validation_samples():
+    from slim.decompose.core import VALIDATE, _validated
+    notes = []
+    calls = []
+
+    def fit(lo, hi):
+        calls.append((lo, hi))
+        return "fitted"
+
+    worse = lambda m, lo, hi: 1.0 if m == "fitted" else 0.5
+    better = lambda m, lo, hi: 0.1 if m == "fitted" else 0.5
+    assert _validated(100, 50, fit, better, "free", "x", notes) == "fitted" and calls == [(0, 80), (0, 100)]
+    assert _validated(100, 50, fit, worse, "free", "x", notes) == "free" and "did not beat" in notes[-1]
+    assert _validated(40, 50, fit, better, "free", "x", notes) == "free" and "needs 50 samples" in notes[-1]
+    calls.clear()
+    assert _validated(50 * VALIDATE, 50, fit, worse, "free", "x", notes) == "fitted" and calls == [(0, 500)]

@@ -286,27 +286,50 @@ def _data_free(plan: LayerPlan, weight: np.ndarray, bias: Optional[np.ndarray], 
     return f, float(energy(f.singular_values)[plan.rank - 1])
 
 
+#: Below this many samples per unknown of a fit, the fit must first beat the data-free factors on the last fifth of
+#: the fit samples (fitted on the rest), or they are kept: a least squares on barely more samples than unknowns
+#: overfits, and the held-out error would rise instead of fall.
+VALIDATE = 10
+
+
+def _validated(N: int, unknowns: int, fit, error_of, data_free, what: str, notes: List[str]):
+    """``fit(lo, hi)`` on the fit samples [lo, hi), or ``data_free`` when there are too few samples for it (see
+    VALIDATE); ``error_of(model, lo, hi)`` is the error on fit samples [lo, hi)."""
+    if N < unknowns:
+        notes.append(f"{what} needs {unknowns} samples (its unknowns per output), the calibration gave {N}: its "
+                     f"data-free factors are kept (raise --calib-images)")
+        return data_free
+    if N < VALIDATE * unknowns:
+        cut = N * 4 // 5
+        if cut < unknowns or error_of(fit(0, cut), cut, N) >= error_of(data_free, cut, N):
+            notes.append(f"{what}: with {N} samples for {unknowns} unknowns per output, the fit did not beat the "
+                         f"data-free factors on the last fifth of the fit samples; they are kept (raise "
+                         f"--calib-images)")
+            return data_free
+    return fit(0, N)
+
+
 def _fit(plan: LayerPlan, samples: _Samples, weight: np.ndarray, bias: Optional[np.ndarray],
          spatial: Optional[factor.SpatialFactors], blobs, relu: bool, calibration, record: LayerDecomposition) -> None:
     """The data-driven fits of one plan on its samples; ``blobs`` updated, errors recorded (held-out). A fit with
-    fewer samples than unknowns per output (D + 1 for the least squares, n + 1 for the GSVD) is not made: the
-    data-free factors stay, and the record's note says so."""
+    too few samples for its unknowns (D + 1 for the horizontal least squares, n + 1 for the GSVD; see VALIDATE)
+    is not made: the data-free factors stay, and the record's note says so."""
     (Xf, Xh), (Yf, Yh) = samples.X, samples.Y
     ridge = calibration.ridge
     N = Xf.shape[0]
     record.samples = [N, Xh.shape[0]]
     pick = (lambda e: e[1]) if relu else (lambda e: e[0])
-    notes = []
+    notes: List[str] = []
 
-    def channel(R_fit, R_held, R_held0, b0, b, body_weight, svd):
+    def channel(R_fit, R_held, R_held0, b0, b, body_weight, body_weight0, rank):
+        """The channel split of a body whose responses are R (bias b), against the data-free split of its data-free
+        version (responses R_held0, bias b0, weight body_weight0)."""
         n = R_fit.shape[1]
-        if N < n + 1:
-            notes.append(f"the channel decomposition needs {n + 1} samples (the layer's {n} outputs + 1), the "
-                         f"calibration gave {N}: its data-free SVD is kept (raise --calib-images)")
-            cf = factor.channel_svd(body_weight, svd.rank, b)
-        else:
-            cf = factor.channel_gsvd(R_fit, Yf, svd.rank, b, relu)
-        e0 = _errs(_channel_apply(R_held0, b0, svd), Yh)
+        svd = factor.channel_svd(body_weight, rank, b)
+        cf = _validated(N, n + 1, lambda lo, hi: factor.channel_gsvd(R_fit[lo:hi], Yf[lo:hi], rank, b, relu),
+                        lambda m, lo, hi: pick(_errs(_channel_apply(R_fit[lo:hi], b, m), Yf[lo:hi])), svd,
+                        "the channel decomposition", notes)
+        e0 = _errs(_channel_apply(R_held0, b0, factor.channel_svd(body_weight0, rank, b0)), Yh)
         e1 = _errs(_channel_apply(R_held, b, cf), Yh)
         record.stages["channel"] = {"svd": pick(e0), "fit": pick(e1)}
         _set_channel(blobs, plan, body_weight, cf)
@@ -316,25 +339,26 @@ def _fit(plan: LayerPlan, samples: _Samples, weight: np.ndarray, bias: Optional[
         W = _matrix(weight, bias)
         b = W[-1]
         Rf, Rh = _apply(Xf, W), _apply(Xh, W)                   # the layer whole, on the current inputs
-        e0, e1 = channel(Rf, Rh, Rh, b, b, weight, factor.channel_svd(weight, plan.rank, b))
+        e0, e1 = channel(Rf, Rh, Rh, b, b, weight, weight, plan.rank)
         record.stages["channel"]["input"] = pick(_errs(Rh, Yh))
     else:
         f = spatial
         H0 = _matrix(f.horizontal, bias)
         e0 = _errs(_apply(Xh, H0), Yh)
-        D = Xf.shape[1]
-        if N < D + 1:
-            notes.append(f"the horizontal layer's least squares needs {D + 1} samples (its {D} inputs + 1), the "
-                         f"calibration gave {N}: its data-free SVD factors are kept (raise --calib-images)")
-            H1 = H0
-        else:
-            linear = factor.least_squares_fit(Xf, Yf, ridge)
-            H1 = linear
-            if relu:
-                nonlinear = factor.relu_least_squares(Xf, Yf, ridge)
-                # The relaxation is a heuristic: keep whichever fits the post-ReLU responses better on the fit set.
-                if _errs(_apply(Xf, nonlinear), Yf)[1] <= _errs(_apply(Xf, linear), Yf)[1]:
-                    H1 = nonlinear
+
+        def horizontal(lo, hi):
+            linear = factor.least_squares_fit(Xf[lo:hi], Yf[lo:hi], ridge)
+            if not relu:
+                return linear
+            nonlinear = factor.relu_least_squares(Xf[lo:hi], Yf[lo:hi], ridge)
+            # The relaxation is a heuristic: keep whichever fits the post-ReLU responses better on its samples.
+            better = _errs(_apply(Xf[lo:hi], nonlinear), Yf[lo:hi])[1] <= _errs(_apply(Xf[lo:hi], linear),
+                                                                                 Yf[lo:hi])[1]
+            return nonlinear if better else linear
+
+        H1 = _validated(N, Xf.shape[1] + 1, horizontal,
+                        lambda m, lo, hi: pick(_errs(_apply(Xf[lo:hi], m), Yf[lo:hi])), H0,
+                        "the horizontal layer's least squares", notes)
         e1 = _errs(_apply(Xh, H1), Yh)
         record.stages["spatial"] = {"svd": pick(e0), "fit": pick(e1)}
         n, d, _, kw = f.horizontal.shape
@@ -343,8 +367,8 @@ def _fit(plan: LayerPlan, samples: _Samples, weight: np.ndarray, bias: Optional[
         if plan.method == "spatial":
             blobs[plan.body] = [h_weight, h_bias]
         else:
-            svd = factor.channel_svd(f.horizontal, plan.channel_rank, H0[-1])
-            e0, e1 = channel(_apply(Xf, H1), _apply(Xh, H1), _apply(Xh, H0), H0[-1], h_bias, h_weight, svd)
+            e0, e1 = channel(_apply(Xf, H1), _apply(Xh, H1), _apply(Xh, H0), H0[-1], h_bias, h_weight,
+                             f.horizontal, plan.channel_rank)
     record.error_svd, record.error_fit = e0[0], e1[0]
     if relu:
         record.error_svd_relu, record.error_fit_relu = e0[1], e1[1]
