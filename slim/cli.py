@@ -15,11 +15,15 @@ from typing import Optional
 from slim import __version__
 from slim.commands._args import caffe_spelling, merge_model, terminal_text, unknown_flags
 from slim.errors import SlimError
+from slim.threads import ENV, choose_threads, use_threads
 
 __all__ = ["main", "COMMANDS"]
 
 COMMANDS = ["train", "test", "time", "prune", "decompose", "pipeline", "calflop", "deploy", "zoo", "summary", "demo",
             "convert_mnist_data", "export", "import"]
+
+# Commands that run nets with torch: they take --threads, and the thread count chosen is applied before they run.
+THREADED = ("train", "test", "time", "pipeline", "calflop", "demo")
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
@@ -41,6 +45,10 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
             raise
         module.register(sub)
     for name, command_parser in sub.choices.items():
+        if name in THREADED:
+            command_parser.add_argument("--threads", type=int, metavar="N",
+                                        help=f"torch CPU threads per process (default: chosen from the cores free "
+                                             f"to this process, or ${ENV}; see slim.threads)")
         if not command_parser.description:
             command_parser.description = next((a.help for a in sub._choices_actions if a.dest == name), None)
         command_parser.description = terminal_text(command_parser.description)
@@ -67,6 +75,9 @@ def main(argv=None) -> int:
         (command_parser or parser).error(unknown_flags(command_parser or parser, extras))
     merge_model(args, command_parser or parser)
     try:
+        if args.command in THREADED and not (args.command == "calflop" and not args.measure):
+            # Applied before the command imports torch; commands that log (train, test, pipeline, demo) log it.
+            args.threads_choice = use_threads(choose_threads(args.threads, getattr(args, "procs", None) or 1))
         return int(args.func(args) or 0)
     except SlimError as e:
         if not getattr(e, "reported_elsewhere", False):  # e.g. a peer training process that reports it itself

@@ -22,6 +22,8 @@ def run(args) -> int:
     if args.iterations < 8:
         raise SlimError(f"--iterations must be at least 8, found {args.iterations}.")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if getattr(args, "threads_choice", None):
+        logging.getLogger("slim").info("Using %s", args.threads_choice)
     result = run_demo(args.out, percent=args.percent, max_iter=args.iterations, measure_repeats=args.repeats,
                       verbose=args.verbose)
     print()

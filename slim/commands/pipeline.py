@@ -22,10 +22,13 @@ def register(sub):
 
 def run(args) -> int:
     import json
+    import logging
 
     from slim.pipeline import run_pipeline
     from slim.solver.logs import setup_logging
     setup_logging(progress=False)           # the train command's glog lines, which Caffe's parse_log reads
+    if getattr(args, "threads_choice", None):
+        logging.getLogger("slim").info("Using %s", args.threads_choice)
     report = run_pipeline(args.solver, args.finetune_solver, args.percent, passes=args.passes, out_dir=args.out,
                           weights=args.weights, absorb_bias=args.absorb_bias,
                           policy_kwargs={"criterion": args.criterion, "max_prune": args.max_prune_per_layer},

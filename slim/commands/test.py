@@ -33,6 +33,8 @@ def run(args) -> int:
         raise SlimError("--weights is empty; slim test needs model weights to score (a .caffemodel).")
     setup_logging(progress=False)
     log = logging.getLogger("slim.commands.test")
+    if getattr(args, "threads_choice", None):
+        log.info("Using %s", args.threads_choice)
     device = resolve_device(args.device)
     stages = [s.strip() for entry in args.stage for s in entry.split(",") if s.strip()]
     net = Net(args.model, phase=args.phase, level=args.level, stages=stages, device=device,

@@ -54,6 +54,8 @@ def run(args) -> int:
 
     rank = int(os.environ.get("RANK", "0") or 0)
     progress = setup_logging(rank, level=logging.WARNING if args.quiet else logging.INFO, progress=not args.quiet)
+    if getattr(args, "threads_choice", None) and args.gpus is None:
+        logging.getLogger("slim").info("Using %s", args.threads_choice)
     weights = [w for w in args.weights.split(",") if w.strip()] if args.weights is not None else None
     stages = [s.strip() for entry in args.stage for s in entry.split(",") if s.strip()]
     config = TrainConfig(args.solver, weights=weights, snapshot=args.snapshot, gpus=parse_gpus(args.gpus),

@@ -9,8 +9,8 @@ and the environment places it (see slim.solver.distributed). Without any flag, a
 ``solver_mode: GPU`` explicitly trains on GPU ``device_id``, as ``caffe train`` does; on a machine without CUDA it
 falls back to the CPU with a warning.
 
-CPU processes started by ``--procs N`` use ``cores / N`` threads each (unless OMP_NUM_THREADS is set), so they do
-not compete for the same cores.
+CPU processes started by ``--procs N`` use ``cores / N`` threads each (slim.threads.choose_threads: the cores free to
+the process, or OMP_NUM_THREADS, SLIM_THREADS, ``--threads``), so they do not compete for the same cores.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from slim import proto as pb
 from slim.errors import SlimError, SolverError
 from slim.solver.distributed import Distributed, free_port, from_environment, init_process_group, spawn
 from slim.solver.signals import handle_signals, parse_action
+from slim.threads import choose_threads, use_threads
 
 __all__ = ["TrainConfig", "train"]
 
@@ -156,8 +157,8 @@ def _worker(index: int, config: TrainConfig, port: int, gpu_ids: Optional[list[i
     from slim.solver.logs import setup_logging
 
     progress = setup_logging(index, level=config.log_level, progress=config.progress)
-    if gpu_ids is None and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
+    if gpu_ids is None:
+        use_threads(choose_threads(procs=nprocs))  # `slim train` chose already: OMP_NUM_THREADS carries its choice
     device = torch.device("cuda", gpu_ids[index]) if gpu_ids is not None else torch.device("cpu")
     dist = None
     try:
