@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from slim import proto as pb
+from slim.io.atomic import atomic_write
 
 __all__ = ["DemoStage", "DemoResult", "run_demo", "demo_solver", "DEMO_STAGES"]
 
@@ -223,7 +224,8 @@ def run_demo(out_dir="slim_demo", *, percent: float = 0.6, max_iter: int = 800, 
               "stages": [dataclasses.asdict(s) for s in stages], "files": files,
               "latency": {"baseline_ms": lat_base.median * 1e3, "pruned_ms": lat_pruned.median * 1e3,
                           "threads": lat_base.threads, "batch": lat_base.batch, "repeats": measure_repeats}}
-    (out / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    with atomic_write(out / "demo_report.json", "w") as f:
+        f.write(json.dumps(report, indent=2) + "\n")
     files["report"] = str(out / "demo_report.json")
     return demo
 
@@ -274,7 +276,8 @@ def _plots(out: Path, before, after, result, curves) -> str:
         return _text_plots(out, before, after, result, curves)
     fig = _figure(plt, before, after, result, curves)
     path = out / "demo_plots.png"
-    fig.savefig(path, dpi=100)
+    with atomic_write(path, "wb") as f:        # never through a link planted at the name, never half-written
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
     return str(path)
 
@@ -329,5 +332,6 @@ def _text_plots(out: Path, before, after, result, curves) -> str:
             lines.append(f"{label}, {stage}:")
             lines.extend(f"  iter {x:>5}  {kind} {y:.4f}" for x, y in zip(*_series(points, kind)))
     path = out / "demo_plots.txt"
-    path.write_text("\n".join(lines) + "\n")
+    with atomic_write(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
     return str(path)
