@@ -196,6 +196,8 @@ class Net(nn.Module):
         if device is not None:
             self.to(device)
         self._source_layers = [n.layer for n in graph.layers if isinstance(n.layer, _SourceLayer)]
+        # What forward accepts by name: the Input tops, and the tops of data layers (a batch read by next_batch).
+        self._feedable = set(graph.inputs) | {t for n in graph.layers if n.layer.is_data for t in n.tops}
         for layer in self._source_layers:
             layer.attach(rank, world_size, data_seed if data_seed is not None else seed, None)
         if weights is not None:
@@ -350,7 +352,7 @@ class Net(nn.Module):
                 raise NetError(f"{self.graph.source}: {len(args)} positional inputs given, the net has "
                                f"{len(self.graph.inputs)} ({', '.join(self.graph.inputs)}).")
             inputs.update(zip(self.graph.inputs, args))
-        unknown = set(inputs) - set(self.graph.inputs)
+        unknown = set(inputs) - self._feedable
         if unknown:
             raise NetError(f"{self.graph.source}: {', '.join(sorted(unknown))} is not an input of the net; its inputs "
                            f"are {', '.join(self.graph.inputs) or 'none (it reads its data itself)'}.")
@@ -376,6 +378,8 @@ class Net(nn.Module):
                         raise NetError(f"{self.graph.source}: input {t!r} has shape {tuple(x.shape)}, the net expects "
                                        f"{shape} (any batch size).")
                     tops.append(x.to(device) if x.device != device else x)
+            elif layer.is_data and all(t in inputs for t in node.tops):
+                tops = [inputs[t] for t in node.tops]   # a batch the caller read (next_batch)
             elif layer.is_data and isinstance(layer, _SourceLayer):
                 layer.device = device
                 tops = layer.forward([], [])
@@ -401,6 +405,28 @@ class Net(nn.Module):
         out = NetOutput((name, values[name]) for name in names)
         out.loss = loss
         return out
+
+    def next_batch(self) -> Dict[str, torch.Tensor]:
+        """Run the data layers (all but Input) without the rest of the net: data top -> tensor.
+
+        ``net(**net.next_batch())`` equals ``net()``. A compiled forward takes the batch this way, so the data path
+        (sources, random transforms, file reads) stays outside the graph (see Solver's compile option).
+        """
+        device = self._device_probe.device
+        batch: Dict[str, torch.Tensor] = {}
+        for node, layer, _ in self._plan:
+            if layer.is_data and node.type != "Input":
+                layer.device = device
+                batch.update(zip(node.tops, layer.forward([], [])))
+        return batch
+
+    def check_labels(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Run the label checks of the loss layers that read one of ``values`` as labels (a compiled forward skips
+        them: they read data values); NetError on labels out of range."""
+        for node in self.graph.layers:
+            check = getattr(node.layer, "check_labels", None)
+            if check is not None and len(node.bottoms) > 1 and node.bottoms[1] in values:
+                check(values[node.bottoms[1]])
 
     def _requested_blobs(self, return_blobs):
         """``return_blobs`` as True (keep every blob) or the set of blob names to keep besides the outputs."""

@@ -145,6 +145,37 @@ def test_torch_compile_captures_one_graph(text):
     assert_outputs_equal(net(*x), compiled(*x), net.outputs)
 
 
+TRAIN_NET = ONE_INPUT.replace('layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 9 '
+                              'dim: 9 } } }',
+                              'layer { name: "data" type: "DummyData" top: "data" dummy_data_param { shape { dim: 2 '
+                              'dim: 3 dim: 9 dim: 9 } } }') + """
+layer { name: "label" type: "MemoryData" top: "label" top: "unused"
+        memory_data_param { batch_size: 2 channels: 1 height: 1 width: 1 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+layer { name: "acc" type: "Accuracy" bottom: "fc" bottom: "label" top: "acc" accuracy_param { top_k: 2 } }
+"""
+
+
+def test_a_train_net_compiles_to_one_graph_on_a_batch_read_outside():
+    # Solver(compile=True) reads the batch eagerly (Net.next_batch: data sources, random transforms) and compiles
+    # the rest, data-fed, losses and label checks included, as one graph.
+    from slim.errors import NetError
+    net = Net(parse_net(TRAIN_NET), phase="TRAIN", seed=0).eval()
+    net.set_input_arrays(np.zeros((4, 1, 1, 1), np.float32), np.array([0, 4, 2, 1], np.float32))
+    state = net.data_state()
+    want = net()
+    net.load_data_state(state)
+    batch = net.next_batch()
+    assert set(batch) == {"data", "label", "unused"}
+    torch._dynamo.reset()
+    compiled = torch.compile(net, backend="eager", fullgraph=True)
+    assert_outputs_equal(want, compiled(**batch), net.outputs)
+    assert torch._dynamo.explain(net)(**batch).graph_count == 1
+    net.check_labels(batch)
+    with pytest.raises(NetError, match="labels must lie in"):
+        net.check_labels({"label": torch.tensor([0.0, 5.0])})
+
+
 onnx_available = importlib.util.find_spec("onnx") is not None
 ort_available = importlib.util.find_spec("onnxruntime") is not None
 onnxscript_available = importlib.util.find_spec("onnxscript") is not None

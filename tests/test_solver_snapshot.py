@@ -284,3 +284,51 @@ def test_compile_falls_back_to_eager_with_a_warning(tmp_path, monkeypatch):
         fallback = Solver(path, compile=True, metrics=False)
         fallback.solve()
     assert torch.equal(eager.net.params["ip"][0], fallback.net.params["ip"][0])  # no batch was lost
+
+
+class _FailingBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("InductorError: ValueRangeError in convolution_backward (injected)")
+
+
+def _compile_failing_at(call, where):
+    """A stand-in for torch.compile: runs the module eagerly, and fails on its ``call``-th call, in the forward or
+    in the backward of that call's loss (as a lazily compiled backward does)."""
+    calls = []
+
+    def compile_(module, **kwargs):
+        assert kwargs.get("dynamic") is False  # a Caffe net's batches keep their size: static shapes
+
+        def run(*args, **kw):
+            calls.append(1)
+            if len(calls) == call and where == "forward":
+                raise RuntimeError("InductorError: recompile failed (injected)")
+            out = module(*args, **kw)
+            if len(calls) == call:
+                out.loss = _FailingBackward.apply(out.loss)
+            return out
+        return run
+    return compile_
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_compile_failing_at_any_step_falls_back_once_and_trains_as_eager(tmp_path, monkeypatch, where):
+    # iter_size 2: the failure comes in the second pass of iteration 1, after the first pass has added gradients
+    # and moved the BatchNorm statistics; the iteration must still equal the eager one exactly.
+    path = write_solver(tmp_path, tiny_net(), max_iter=4, iter_size=2)
+    eager = Solver(path, metrics=False)
+    eager.solve()
+    monkeypatch.setattr(torch, "compile", _compile_failing_at(4, where))
+    with pytest.warns(UserWarning, match="torch.compile failed on the train net at iteration 1 .*injected") as caught:
+        compiled = Solver(path, compile=True, metrics=False)
+        compiled.solve()
+    assert sum("torch.compile failed" in str(w.message) for w in caught) == 1
+    for name, blobs in eager.net.params.items():
+        for a, b in zip(blobs, compiled.net.params[name]):
+            assert torch.equal(a, b), name       # weights and BatchNorm statistics
+    assert compiled.loss == eager.loss

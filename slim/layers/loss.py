@@ -12,18 +12,19 @@ __all__ = ["Softmax", "SoftmaxWithLoss", "Accuracy", "EuclideanLoss", "SigmoidCr
 FLT_MIN = 1.1754943508222875e-38
 
 
-def _normalizer(lp, default_mode: int, outer: int, inner: int, valid):
-    """Caffe's LossLayer::GetNormalizer: VALID, FULL, BATCH_SIZE or NONE, never below 1.
-
-    ``normalization`` wins when set; else the deprecated ``normalize`` (true: VALID, false: BATCH_SIZE); else the
-    layer's default mode.
-    """
+def _norm_mode(lp, default_mode: int) -> int:
+    """The normalisation mode of a LossParameter: ``normalization`` wins when set; else the deprecated ``normalize``
+    (true: VALID, false: BATCH_SIZE); else the layer's default mode. Read in setup: forward reads no protobuf
+    fields (torch.compile cannot trace them)."""
     if lp.HasField("normalization"):
-        mode = lp.normalization
-    elif lp.HasField("normalize"):
-        mode = pb.LossParameter.VALID if lp.normalize else pb.LossParameter.BATCH_SIZE
-    else:
-        mode = default_mode
+        return lp.normalization
+    if lp.HasField("normalize"):
+        return pb.LossParameter.VALID if lp.normalize else pb.LossParameter.BATCH_SIZE
+    return default_mode
+
+
+def _normalizer(mode: int, outer: int, inner: int, valid):
+    """Caffe's LossLayer::GetNormalizer for ``mode`` (VALID, FULL, BATCH_SIZE or NONE), never below 1."""
     if mode == pb.LossParameter.FULL:
         return max(1.0, float(outer * inner))
     if mode == pb.LossParameter.VALID:
@@ -89,29 +90,36 @@ class SoftmaxWithLoss(_ClassifierLoss):
     is_loss = True
 
     def setup(self):
+        lp = self.param.loss_param
         self._split_axes(self.param.softmax_param.axis)
         self.top_shapes = [()] + ([self.bottom_shapes[0]] if len(self.param.top) == 2 else [])
+        self.ignore = lp.ignore_label if lp.HasField("ignore_label") else None
+        self.norm_mode = _norm_mode(lp, pb.LossParameter.VALID)
 
     def forward(self, blobs, bottoms):
-        lp = self.param.loss_param
         scores, labels = self._flat(bottoms[0], bottoms[1])
-        ignore = lp.ignore_label if lp.HasField("ignore_label") else None
-        if ignore is None:
-            self._check_labels(labels, scores.shape[1])
+        ignore = self.ignore
+        if ignore is None and not torch.compiler.is_compiling():
+            self._check_labels(labels, scores.shape[1])  # reads values: compiled, Net.check_labels runs it eagerly
         per = F.cross_entropy(scores, labels, reduction="none", ignore_index=-100 if ignore is None else ignore)
         # Caffe clamps p at FLT_MIN before the log in the forward only, which bounds each term by -log(FLT_MIN) =
         # 87.3; its backward is prob - onehot, never clamped. So the value is clamped and the gradient is not.
         per = per - (per - per.clamp(max=87.33654475055310898657)).detach()
         valid = (labels != ignore).sum() if ignore is not None else self.outer * self.inner
-        loss = per.sum() / _normalizer(lp, pb.LossParameter.VALID, self.outer, self.inner, valid)
+        loss = per.sum() / _normalizer(self.norm_mode, self.outer, self.inner, valid)
         tops = [loss]
-        if len(self.param.top) == 2:
+        if len(self.top_shapes) == 2:
             tops.append(torch.softmax(bottoms[0], self.axis))
         return tops
 
     def macs(self):
         # Softmax's 3 per score (exp, sum, divide) plus one log-and-accumulate per prediction.
         return count(self.bottom_shapes[0]) * 3 + self.outer * self.inner
+
+    def check_labels(self, labels) -> None:
+        """The forward's label check on its own (NetError for labels outside [0, classes) without ignore_label)."""
+        if self.ignore is None:
+            self._check_labels(labels.reshape(-1), self.bottom_shapes[0][self.axis])
 
     def _check_labels(self, labels, classes):
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
@@ -139,21 +147,22 @@ class Accuracy(_ClassifierLoss):
         if ap.top_k > classes:
             raise ValueError(f"top_k {ap.top_k} exceeds the {classes} classes")
         self.top_shapes = [()] + ([(classes,)] if len(self.param.top) == 2 else [])
+        self.top_k = ap.top_k
+        self.ignore = ap.ignore_label if ap.HasField("ignore_label") else None
 
     def forward(self, blobs, bottoms):
-        ap = self.param.accuracy_param
         with torch.no_grad():
             scores, labels = self._flat(bottoms[0], bottoms[1])
             c = scores.shape[1]
-            keep = labels != ap.ignore_label if ap.HasField("ignore_label") else torch.ones_like(labels, dtype=bool)
+            keep = labels != self.ignore if self.ignore is not None else torch.ones_like(labels, dtype=bool)
             safe = torch.where(keep, labels, torch.zeros_like(labels)).clamp(0, c - 1)
             true_score = scores.gather(1, safe.unsqueeze(1))
             better = (scores >= true_score).sum(1) - 1  # minus the true class itself
-            correct = (better < ap.top_k) & keep & ~torch.isnan(scores).any(1)
+            correct = (better < self.top_k) & keep & ~torch.isnan(scores).any(1)
             n = keep.sum()
             acc = torch.where(n > 0, correct.sum().to(torch.float32) / n.clamp(min=1), torch.zeros((), device=n.device))
             tops = [acc.to(bottoms[0].dtype)]
-            if len(self.param.top) == 2:
+            if len(self.top_shapes) == 2:
                 per_class_n = torch.zeros(c, device=scores.device).index_add_(0, safe[keep], torch.ones_like(
                     safe[keep], dtype=torch.float32))
                 per_class_c = torch.zeros(c, device=scores.device).index_add_(0, safe[correct], torch.ones_like(
@@ -206,19 +215,21 @@ class SigmoidCrossEntropyLoss(Layer):
         if count(a) != count(b):
             raise ValueError(f"scores {a} and targets {b} must have the same number of entries")
         self.top_shapes = [()]
+        lp = self.param.loss_param
+        self.ignore = lp.ignore_label if lp.HasField("ignore_label") else None
+        self.norm_mode = _norm_mode(lp, pb.LossParameter.BATCH_SIZE)
 
     def forward(self, blobs, bottoms):
-        lp = self.param.loss_param
         x, t = bottoms[0], bottoms[1].reshape(bottoms[0].shape)
         per = F.binary_cross_entropy_with_logits(x, t, reduction="none")
-        if lp.HasField("ignore_label"):
-            keep = t != lp.ignore_label
+        if self.ignore is not None:
+            keep = t != self.ignore
             per = per * keep
             valid = keep.sum()
         else:
             valid = x.numel()
         outer = x.shape[0] if x.dim() else 1
-        return [per.sum() / _normalizer(lp, pb.LossParameter.BATCH_SIZE, outer, x.numel() // max(outer, 1), valid)]
+        return [per.sum() / _normalizer(self.norm_mode, outer, x.numel() // max(outer, 1), valid)]
 
     def macs(self):
         # The stable form max(x, 0) - x t + log(1 + exp(-|x|)): about 4 operations per element.

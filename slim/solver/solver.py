@@ -36,7 +36,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -190,7 +190,7 @@ class Solver:
             broadcast_tensors(self._tensors, self.dist)
             self._reducer = GradientReducer(self._tensors, self.dist)
         self.precision = MixedPrecision(amp, self.device, self._tensors)
-        self._forward = _CompiledForward(self.net) if compile else self.net
+        self._forward = _CompiledForward(self.net, lambda: self.iter) if compile else self.net
         # The train net's passes can be replaced (slim.caffe runs its own, layer by layer, so every blob's data and
         # diff hold what Caffe's would): an object whose forward() and forward_backward() return a NetOutput.
         # Likewise test_passes: one stand-in per test net for evaluate (with the net's ``graph``, called for a
@@ -301,6 +301,40 @@ class Solver:
         self._last_outputs = out
         return out.loss.detach().float()
 
+    def _sum_passes(self) -> torch.Tensor:
+        loss = None
+        for _ in range(self.param.iter_size):
+            pass_loss = self._forward_backward()
+            loss = pass_loss if loss is None else loss + pass_loss
+        return loss
+
+    def _passes(self) -> torch.Tensor:
+        """The iteration's ``iter_size`` forward/backward passes, their losses summed.
+
+        torch.compile compiles lazily, the backward at the first backward and again whenever a guard fails, so a
+        compiled net can fail at any iteration, in the forward or the backward. Then it is given up with one warning
+        and the iteration runs again eagerly from where it began: the same batches, no gradient of the failed
+        attempt, and the BatchNorm statistics as they were.
+        """
+        compiled = self._forward if isinstance(self._forward, _CompiledForward) and self.passes is None else None
+        if compiled is None or compiled.gave_up:
+            return self._sum_passes()
+        data_state = self.net.data_state()
+        frozen = [t for t in self._tensors if not t.requires_grad]
+        saved = [t.detach().clone() for t in frozen]
+        try:
+            return self._sum_passes()
+        except SlimError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
+            compiled.give_up(e)
+            self.net.load_data_state(data_state)
+            with torch.no_grad():
+                for t, value in zip(frozen, saved):
+                    t.copy_(value)
+            self._zero_grads()
+            return self._sum_passes()
+
     def step(self, iters: int) -> None:
         """Run ``iters`` iterations (fewer if a stop is requested), as Caffe's ``Solver::Step``.
 
@@ -326,11 +360,7 @@ class Solver:
                 if self._test_due() and self.dist.is_root:
                     self.test_all()
                 display = p.display > 0 and self.iter % p.display == 0
-                loss = None
-                for _ in range(p.iter_size):
-                    pass_loss = self._forward_backward()
-                    loss = pass_loss if loss is None else loss + pass_loss
-                loss_value = float(loss) / p.iter_size
+                loss_value = float(self._passes()) / p.iter_size
             except _Deferred:
                 pass  # said by the root when it happened; now shared, so that every process stops
             except Exception as e:  # shared with the other processes below, then raised
@@ -682,29 +712,39 @@ class _Deferred(Exception):
 
 
 class _CompiledForward:
-    """The train net's forward through ``torch.compile``; on a failure at the first call, eager with a warning.
+    """The train net's forward through ``torch.compile``, given up for eager at the first failure, with one warning.
 
-    The data position is put back before falling back, so the failed attempt consumes no batch.
+    The batch is read eagerly (``Net.next_batch``: random transforms and file reads would break the graph into
+    per-layer pieces) and its labels checked, then the compiled net runs on it as one graph. Shapes are static
+    (``dynamic=False``): a Caffe net's batches keep their size, and dynamic-shape kernels were where a compiled
+    backward failed (ResNet-20 on CPU, a value-range error in convolution_backward after a recompile). A failing
+    forward is run again eagerly here on the same batch; a failing backward is caught by Solver._passes, which runs
+    the iteration again.
     """
 
-    def __init__(self, net) -> None:
+    def __init__(self, net, iteration: Callable[[], int]) -> None:
         self.net = net
-        self.compiled = torch.compile(net)
-        self.checked = False
+        self.iteration = iteration
+        self.compiled = torch.compile(net, dynamic=False)
+        self.gave_up = False
+
+    def give_up(self, error: BaseException) -> None:
+        """Use the eager net from now on, saying why once."""
+        if not self.gave_up:
+            warnings.warn(f"torch.compile failed on the train net at iteration {self.iteration()} "
+                          f"({type(error).__name__}: {error}); training continues without --compile.", stacklevel=3)
+        self.gave_up = True
+        self.compiled = self.net
 
     def __call__(self):
-        if self.checked:
-            return self.compiled()
-        data_state = self.net.data_state()
+        batch = self.net.next_batch()
+        if self.gave_up:
+            return self.net(**batch)
+        self.net.check_labels(batch)
         try:
-            out = self.compiled()
+            return self.compiled(**batch)
         except SlimError:
             raise
         except Exception as e:  # noqa: BLE001 - any compiler failure falls back to eager
-            warnings.warn(f"torch.compile failed on the train net ({type(e).__name__}: {e}); training continues "
-                          f"without --compile.", stacklevel=2)
-            self.net.load_data_state(data_state)
-            self.compiled = self.net
-            out = self.net()
-        self.checked = True
-        return out
+            self.give_up(e)
+            return self.net(**batch)
