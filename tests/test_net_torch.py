@@ -298,3 +298,18 @@ def test_tracing_leaves_no_traced_tensors_behind():
     assert type(after) is torch.Tensor
     fresh = Net(net.graph)  # the same layers, never traced
     assert torch.equal(after, fresh(x)["pool"])
+
+
+@pytest.mark.parametrize("name,phase", [("demo_digits", "TRAIN"), ("resnet20_cifar10_deploy", "TEST")])
+def test_zoo_nets_compile_to_one_graph(name, phase):
+    # The demo's train net (data, BatchNorm, loss, Accuracy) and a residual net with option-A shortcuts (Power,
+    # Concat); the deeper zoo nets are the same layer types (a minute each to trace on a shared machine).
+    from pathlib import Path
+    net = Net(Path(__file__).resolve().parents[1] / "nets" / f"{name}.prototxt", phase=phase, seed=0)
+    if net.inputs:
+        feed = {net.inputs[0]: torch.randn([2] + list(net.graph.shapes[net.inputs[0]])[1:])}
+    else:
+        feed = net.next_batch()   # a train net: its data layers' batch, read outside the graph
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(net)(**feed)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
