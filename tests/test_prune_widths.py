@@ -65,3 +65,25 @@ def test_the_cli_takes_layer_widths(tmp_path, capsys):
     assert pruned["conv3"].convolution_param.num_output == 2
     assert main(args + ["--layer-width", "conv3"]) != 0
     assert "--layer-width takes LAYER=CHANNELS (conv1_1=24); got 'conv3'" in capsys.readouterr().err
+
+
+def test_write_pruned_removes_what_a_killed_prune_left(tmp_path):
+    """A .NAME.PID.partial of a dead process is removed; a live process's, another pattern's and links are not."""
+    import os
+    import subprocess
+    import sys
+    from slim.prune import write_pruned
+    net = parse_net(CASES["residual"])
+    result = prune_net(net, random_blobs(net), PrunePolicy(percent=0.3, criterion="l1", min_channels=1))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".out.caffemodel.{dead}.partial"
+    live = tmp_path / f".out.caffemodel.{os.getppid()}.partial"
+    other = tmp_path / f".other.caffemodel.{dead}.partial"
+    for f in (stale, live, other):
+        f.write_bytes(b"half")
+    link = tmp_path / f".out.json.{dead}.partial"
+    link.symlink_to(other)
+    write_pruned(result, tmp_path / "out")
+    assert not stale.exists() and live.exists() and other.exists() and link.is_symlink()
+    assert (tmp_path / "out.caffemodel").is_file()

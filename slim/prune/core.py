@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
@@ -300,6 +301,27 @@ def output_paths(output: Union[str, Path], report: Optional[Union[str, Path]] = 
             "report": Path(report) if report is not None else out.with_name(out.name + ".json")}
 
 
+def _remove_stale_partials(path: Path) -> None:
+    """Remove ``.NAME.PID.partial`` files that a killed ``slim prune`` left beside ``path``: only that exact pattern,
+    only plain files, and only when no process with that PID is alive (a live writer's file is left alone)."""
+    prefix, suffix = f".{path.name}.", ".partial"
+    for stale in path.parent.glob(f"{glob_escape(prefix)}*{suffix}"):
+        pid = stale.name[len(prefix):-len(suffix)]
+        if not pid.isdigit() or stale.is_symlink() or not stale.is_file() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                          # that process still exists: perhaps it is writing
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        try:
+            stale.unlink()
+        except OSError:
+            pass
+
+
 def write_pruned(result: PruneResult, output: Union[str, Path], report: Optional[Union[str, Path]] = None) \
         -> Dict[str, Path]:
     """Write OUT.prototxt, OUT.caffemodel and the JSON report, all or nothing.
@@ -317,6 +339,8 @@ def write_pruned(result: PruneResult, output: Union[str, Path], report: Optional
         if not path.parent.is_dir():
             raise PruneError(f"Cannot write {path}: the folder {path.parent} does not exist. Create it or choose "
                              f"another --output.")
+    for path in paths.values():
+        _remove_stale_partials(path)
     temps = {key: path.with_name(f".{path.name}.{os.getpid()}.partial") for key, path in paths.items()}
     try:
         blobs = result.blobs
