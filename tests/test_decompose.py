@@ -255,9 +255,9 @@ def test_folding_the_1x1_layer_is_exact():
     blobs = blobs_with_bias(net, seed=7)
     plans = [LayerPlan("conv2", "3c", 6, 5)]
     dnet = decomposed_net(net, graph, plans)
-    from slim.decompose.core import _data_free
+    from slim.decompose.fit import data_free
     dblobs = {k: v for k, v in blobs.items() if k != "conv2"}
-    _data_free(plans[0], blobs["conv2"][0], blobs["conv2"][1], dblobs)
+    data_free(plans[0], blobs["conv2"][0], blobs["conv2"][1], dblobs)
     x = images()
     want = forward(dnet, dblobs, x)
     folded = fold_mix(dnet, dblobs, plans[0], None)
@@ -416,7 +416,7 @@ def test_too_few_samples_keep_the_data_free_factors_and_say_so():
 
 
 def test_a_fit_on_few_samples_must_beat_the_data_free_factors_on_validation_samples():
-    from slim.decompose.core import VALIDATE, _validated
+    from slim.decompose.fit import VALIDATE, _validated
     notes = []
     calls = []
 
@@ -431,3 +431,10 @@ def test_a_fit_on_few_samples_must_beat_the_data_free_factors_on_validation_samp
     assert _validated(40, 50, fit, better, "free", "x", notes) == "free" and "needs 50 samples" in notes[-1]
     calls.clear()
     assert _validated(50 * VALIDATE, 50, fit, worse, "free", "x", notes) == "fitted" and calls == [(0, 500)]
+
+
+def test_calibration_images_of_another_shape_are_refused():
+    net = parse_net(NET)
+    cal = Calibration(images=16, net=calib_net(3, 10, 10), progress=False)
+    with pytest.raises(DecomposeError, match=r"shape \(3, 10, 10\).*--calib-net"):
+        decompose_net(net, blobs_with_bias(net), DecomposePolicy(ranks=LOW), calibration=cal)

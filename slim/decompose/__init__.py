@@ -8,8 +8,8 @@ LASSO) and folded back where cheaper, as a rewrite of the prototxt and its blobs
     write_decomposed(result, "decomposed")       # decomposed.prototxt, .caffemodel, .json
     print(result.report)
 
-Modules: factor (the arithmetic), rewrite (the prototxt), ranks and plan (what to split, at what rank), core (the
-driver and the files), report.
+Modules: factor (the arithmetic), rewrite (the prototxt), ranks and plan (what to split, at what rank), calibration
+(the samples), fit (a layer's fits), core (the driver and the files), report.
 """
 
 from slim.decompose.core import DecomposeResult, decompose_net, write_decomposed
