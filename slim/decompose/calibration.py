@@ -190,15 +190,35 @@ def gather(original, current, node: LayerNode, body: LayerNode, images: Images, 
     return Samples([x[:f] for x, f in zip(X, filled)], [y[:f] for y, f in zip(Y, filled)])
 
 
+def _image_outputs(graph: NetGraph, images: Images) -> Dict[str, LayerNode]:
+    """The net outputs worth comparing, with their producers: computed from the images alone (no label), by a layer
+    that is neither a loss nor an Accuracy (those fix the batch size, and say nothing about the decomposition)."""
+    derived = {images.top}
+    for node in graph.layers:
+        if not node.layer.is_data and node.bottoms and all(b in derived for b in node.bottoms):
+            derived.update(node.tops)
+    out = {}
+    for name, blob in zip(graph.outputs, graph.output_ids):
+        node = graph.layers[graph.producer[blob][0]]
+        if name in derived and not any(node.loss_weights) and node.type != "Accuracy":
+            out[name] = node
+    return out
+
+
 def final_errors(original, final, graph: NetGraph, fgraph: NetGraph, plans, records, kept, images: Images) \
         -> Dict[str, Dict[str, float]]:
     """Each decomposed layer's held-out error in the written net (sampled positions, kept outputs) and the net
-    outputs' errors."""
+    outputs' errors; both nets run only as far as these need."""
     cal = images.calibration
     k = cal.samples_per_image
     sums = {p.name: [0.0, 0.0, 0.0, 0.0] for p in plans}
     last = {records[p.name].layers[-1]: p for p in plans}
-    outs = [o for o in graph.outputs if o in fgraph.shapes and tuple(fgraph.shapes[o]) == tuple(graph.shapes[o])]
+    theirs = _image_outputs(graph, images)
+    mine = _image_outputs(fgraph, images)
+    outs = [o for o in theirs if o in mine and tuple(theirs[o].top_shapes[theirs[o].tops.index(o)])
+            == tuple(mine[o].top_shapes[mine[o].tops.index(o)])]
+    end_o = max([graph.layer(p.name).index for p in plans] + [theirs[o].index for o in outs])
+    end_f = max([fgraph.layer(n).index for n in last] + [mine[o].index for o in outs])
     osums = {o: [0.0, 0.0, 0, 0] for o in outs}
     for index, held, batch in images.source.batches(original.device):
         if not held:
@@ -227,8 +247,8 @@ def final_errors(original, final, graph: NetGraph, fgraph: NetGraph, plans, reco
                 s[3] += float((ref.clamp(min=0) ** 2).sum())
 
         with torch.no_grad():
-            ov = original.run_layers(images.feed(batch), None, at_original)
-            fv = final.run_layers(images.feed(batch), None, at_final)
+            ov = original.run_layers(images.feed(batch), graph.layers[end_o].name, at_original)
+            fv = final.run_layers(images.feed(batch), fgraph.layers[end_f].name, at_final)
         for o in outs:
             a, b = ov[o].double(), fv[o].double()
             osums[o][0] += float(((a - b) ** 2).sum())
