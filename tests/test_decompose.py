@@ -438,3 +438,28 @@ def test_calibration_images_of_another_shape_are_refused():
     cal = Calibration(images=16, net=calib_net(3, 10, 10), progress=False)
     with pytest.raises(DecomposeError, match=r"shape \(3, 10, 10\).*--calib-net"):
         decompose_net(net, blobs_with_bias(net), DecomposePolicy(ranks=LOW), calibration=cal)
+
+
+def test_a_train_val_net_calibrates_on_its_own_train_data_and_keeps_every_phase(tmp_path):
+    """No --calib-net: the TRAIN-phase DummyData supplies the images; the loss and Accuracy layers (fixed batch) are
+    not run by the passes; both phases of the written net run."""
+    data = ''.join(
+        f'layer {{ name: "data" type: "DummyData" top: "data" top: "label" include {{ phase: {phase} }} '
+        f'dummy_data_param {{ shape {{ dim: {batch} dim: 3 dim: 12 dim: 12 }} shape {{ dim: {batch} }} '
+        f'data_filler {{ type: "gaussian" std: 1 }} data_filler {{ type: "constant" value: 1 }} }} }}\n'
+        for phase, batch in (("TRAIN", 8), ("TEST", 4)))
+    text = data + NET.split("\n", 1)[1] + '''
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+layer { name: "acc" type: "Accuracy" bottom: "fc" bottom: "label" top: "acc" include { phase: TEST } }
+'''
+    net = parse_net(text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = decompose_net(net, blobs_with_bias(net), DecomposePolicy(method="3c", ranks={"conv2": 5}),
+                               calibration=Calibration(images=40, samples_per_image=4, progress=False))
+    assert result.report.calibration["source"].startswith("data layer 'data'")
+    assert result.report.layers[0].error_final is not None and not result.report.outputs
+    paths = write_decomposed(result, tmp_path / "tv")
+    for phase in ("TRAIN", "TEST"):
+        out = Net(str(paths["prototxt"]), weights=str(paths["caffemodel"]), phase=phase)()
+        assert torch.isfinite(out.loss)
