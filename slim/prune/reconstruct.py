@@ -462,6 +462,14 @@ def _refit(u: ReaderUnit, stats: StatsPass, keep: np.ndarray, originals, live, c
         full = masked
     else:
         full = expand(least_squares(A, B, kept_cols, u.bias, calibration.ridge), kept_cols, D, u.bias)
+        unknowns = len(kept_cols) + int(u.bias)
+        # A least squares on barely more samples than unknowns can fit noise: below 10 samples per unknown it must
+        # beat the sliced weights on the held-out images, or those are kept (so these errors were part of a choice).
+        if count < 10 * unknowns and relative_error(Ah, Bh, yyh, full) > relative_error(Ah, Bh, yyh, masked):
+            full = masked
+            unfit = (f"its least squares on {count:,} samples for {unknowns:,} unknowns per output did worse than the "
+                     f"sliced weights on the held-out images (it overfitted; raise --calib-images): the sliced "
+                     f"weights are kept")
     u.write(live[u.layer][0], live[u.layer][1] if u.bias else None, full)
     errs = [relative_error(Ah, Bh, yyh, w) for w in (orig, masked, full)]
     before = len(np.unique(u.columns))
