@@ -9,7 +9,7 @@ trained at 413 ms per iteration with 2 threads and 72 ms with 1, and spent 6x th
 3. ``OMP_NUM_THREADS``, when set, is left as torch reads it;
 4. otherwise the cores available to the process (its CPU affinity, capped by a cgroup CPU quota), divided among the
    ``--procs`` processes, and no more than the cores other work leaves idle (cores minus the 1-minute load
-   average, at least 1).
+   average, rounded up, at least 1).
 
 ``slim`` applies the choice before a command runs and prints it for the commands that train or time nets. From
 Python: ``use_threads(choose_threads())``.
@@ -111,7 +111,7 @@ def choose_threads(requested: Optional[int] = None, procs: int = 1, *, environ: 
             load = os.getloadavg()[0]
         except (AttributeError, OSError):
             load = 0.0
-    idle = math.floor(count - load)
+    idle = math.ceil(count - load)   # a core partly idle counts: a light background load costs no thread
     if idle < share:
         share = max(1, idle)
         reason += f", load average {load:.1f}: busy"

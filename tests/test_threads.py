@@ -25,8 +25,10 @@ def test_idle_machine_uses_every_available_core_shared_among_processes():
 
 
 def test_busy_machine_uses_the_cores_left_idle():
-    assert choose(load=5.5).threads == 2
+    assert choose(load=5.5).threads == 3
+    assert choose(load=0.3).threads == 8                     # a light background load costs no thread
     assert choose(load=7.2).threads == 1
+    assert choose(load=9.0).threads == 1
     assert choose(cores=2, load=11.3).threads == 1          # the shared 2-core machine of issue 14
     assert "load average 11.3: busy" in choose(cores=2, load=11.3).reason
     assert choose(procs=2, load=1.0).threads == 4            # the share, when more is idle
