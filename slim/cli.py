@@ -32,7 +32,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     Registering a command imports its module and the library it runs (slim.data, slim.net, torch, ...), so a run
     of one command registers that command only: ``slim prune`` starts without loading what training needs.
     """
-    parser = argparse.ArgumentParser(prog="slim", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="slim", description=terminal_text(__doc__.split("\n\n")[0]))
     parser.add_argument("--version", action="version", version=f"slim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

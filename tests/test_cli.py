@@ -101,6 +101,24 @@ def test_every_subcommand_has_a_description_and_no_markup(capsys):
         description = text.split("\n\n")[1]
         assert description.strip() and not description.lstrip().startswith(("positional", "options")), command
         assert "``" not in text, command
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    top = capsys.readouterr().out
+    assert "Caffe's tools" in top and "``" not in top
+
+
+def test_python_m_slim_from_the_folder_above_a_clone_named_slim(tmp_path):
+    # The clone, seen from the folder above it, is a folder named slim without __init__.py: an editable install
+    # must still win over that empty namespace package (setup.py states the package root, so pip writes a .pth
+    # path rather than an import hook).
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "slim").symlink_to(root)
+    done = subprocess.run([sys.executable, "-c", "import slim, sys; print(slim.__file__); print(slim.Net)"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].endswith(str(Path("slim", "__init__.py"))), done.stdout
 
 
 def test_caffe_single_dash_and_underscore_flags(tmp_path, capsys):
