@@ -34,8 +34,8 @@ import numpy as np
 from slim.data.source import optional_module
 from slim.errors import DataError
 
-__all__ = ["IMAGE_EXTENSIONS", "FileSamples", "read_image_list", "scan_image_folder", "open_image_data",
-           "open_image_folder", "decode_image", "resize_bilinear", "image_header"]
+__all__ = ["IMAGE_EXTENSIONS", "FileSamples", "parse_image_list", "read_image_list", "scan_image_folder",
+           "open_image_data", "open_image_folder", "decode_image", "resize_bilinear", "image_header"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -180,8 +180,38 @@ class FileSamples:
         return np.stack(images), self.labels[indices]
 
 
+def parse_image_list(path, *, where: str) -> list[tuple[int, str, int]]:
+    """The entries of a Caffe image list (ImageData's source, convert_imageset's LISTFILE): one ``path label`` line
+    per image, the label after the LAST space (so paths may contain spaces); blank lines are skipped.
+
+    Args:
+        path: the list file; it must exist (callers say which flag or field named it when it does not).
+        where: names the caller in messages (a layer, or a command).
+
+    Returns:
+        (line number, relative path as written, label) per entry, in file order.
+
+    Raises:
+        DataError: a line without a label, or with a label that is not a non-negative integer (Caffe's atoi would
+            silently read 0).
+    """
+    entries = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\r\n").strip()
+            if not line:
+                continue
+            name, _, label = line.rpartition(" ")  # Caffe: the label follows the last space
+            name = name.rstrip()
+            if not name or not label.isdigit():
+                raise DataError(f"{where}: line {number} of '{path}' reads {line!r}; expected 'path label' with "
+                                "a non-negative integer label after the last space.")
+            entries.append((number, name, int(label)))
+    return entries
+
+
 def read_image_list(source: str, root_folder: str, *, where: str) -> tuple[list, np.ndarray, list]:
-    """Parses an ImageData list file.
+    """Parses an ImageData list file (see `parse_image_list`).
 
     Returns:
         (paths, int64 labels, names for messages), one per non-blank line.
@@ -195,19 +225,10 @@ def read_image_list(source: str, root_folder: str, *, where: str) -> tuple[list,
                         "file with one 'path label' line per image.")
     paths, labels, names = [], [], []
     root = Path(root_folder) if root_folder else None
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            line = line.rstrip("\r\n").strip()
-            if not line:
-                continue
-            name, _, label = line.rpartition(" ")  # Caffe: the label follows the last space
-            name = name.rstrip()
-            if not name or not label.isdigit():
-                raise DataError(f"{where}: line {number} of '{source}' reads {line!r}; expected 'path label' with "
-                                "a non-negative integer label after the last space.")
-            paths.append(root / name if root else Path(name))
-            labels.append(int(label))
-            names.append(f"'{source}' line {number} ({name})")
+    for number, name, label in parse_image_list(source, where=where):
+        paths.append(root / name if root else Path(name))
+        labels.append(label)
+        names.append(f"'{source}' line {number} ({name})")
     if not paths:
         raise DataError(f"{where}: the image list '{source}' has no entries; add 'path label' lines.")
     return paths, np.asarray(labels, dtype=np.int64), names

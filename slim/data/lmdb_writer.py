@@ -1,4 +1,5 @@
-"""Writing Caffe's LMDB of Datum records, and Caffe's ``convert_mnist_data`` on top of it.
+"""Writing Caffe's LMDB of Datum records, and Caffe's ``convert_mnist_data`` on top of it (``convert_imageset`` is
+in slim.data.imageset).
 
 The records are those Caffe's converters write and its Data layer (and slim's, slim.data.lmdb_source) reads: a
 serialized Datum (channels, height, width, raw uint8 ``data`` in CHW order, ``label``) under the key "%08d" of
@@ -12,11 +13,12 @@ into place when complete: an interrupted conversion leaves no half-written datab
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
@@ -25,7 +27,8 @@ from slim.data.idx import read_idx, read_idx_header
 from slim.data.source import optional_module
 from slim.errors import DataError
 
-__all__ = ["write_datum_lmdb", "convert_mnist_data", "MNIST_IMAGE_MAGIC", "MNIST_LABEL_MAGIC"]
+__all__ = ["check_backend", "check_new_database", "write_lmdb", "write_datum_lmdb", "convert_mnist_data",
+           "MNIST_IMAGE_MAGIC", "MNIST_LABEL_MAGIC"]
 
 # The magic numbers Caffe's convert_mnist_data requires: uint8 (code 08) values in 3 (images) or 1 (labels) dims.
 MNIST_IMAGE_MAGIC, MNIST_LABEL_MAGIC = 2051, 2049
@@ -35,6 +38,87 @@ _COMMIT_EVERY = 1000  # Caffe's converters commit a transaction every 1,000 reco
 def _lmdb(output: Path):
     return optional_module("lmdb", where=f"Writing '{output}'", needed_for="writing an LMDB database",
                            what="the lmdb package", extra="lmdb", pip_name="lmdb")
+
+
+def check_backend(backend: str, fix: str = "use --backend lmdb and `backend: LMDB` in the net's data_param") -> None:
+    """Refuse every database backend but LMDB (Caffe's converters also write LEVELDB, which slim does not read).
+
+    Raises:
+        DataError: ``backend`` is not "lmdb" (any case); the message ends with ``fix``.
+    """
+    if backend.lower() != "lmdb":
+        raise DataError(f"--backend {backend}: slim writes and reads LMDB only (Caffe's LEVELDB is not supported); "
+                        f"{fix}.")
+
+
+def check_new_database(output) -> None:
+    """Refuse an output database that exists already, or whose folder does not.
+
+    Raises:
+        DataError: naming the path and how to fix it.
+    """
+    output = Path(output)
+    if output.exists():
+        raise DataError(f"'{output}' already exists; a conversion never overwrites a database (Caffe's converters "
+                        "refuse too). Delete it or choose another output name.")
+    if not output.parent.is_dir():
+        raise DataError(f"Cannot create '{output}': the folder '{output.parent}' does not exist. Create it, or choose "
+                        "another output path.")
+
+
+def write_lmdb(output, records: Iterable[tuple[bytes, bytes]], *, map_size: int = 1 << 26,
+               on_commit: Optional[Callable[[int], None]] = None) -> int:
+    """Writes (key, value) records, streamed, into a new LMDB folder that appears only when complete.
+
+    The database is built in a temporary folder beside ``output`` (``.NAME.XXXXXXXX.tmp``) and renamed into place
+    at the end; an error or an interruption (also one raised by ``records`` itself) removes it, so a Data layer
+    never reads a half-written database. Records are committed 1,000 at a time, as Caffe's converters do.
+
+    Args:
+        output: the database folder to create; it must not exist (Caffe's converters refuse to overwrite too).
+        records: (key, serialized value) pairs, in the order to write them.
+        map_size: the initial LMDB map size in bytes; it doubles whenever a transaction does not fit.
+        on_commit: called with the number of records written after each commit.
+
+    Returns:
+        The number of records written.
+
+    Raises:
+        DataError: the output exists or its folder does not, or lmdb is not installed.
+    """
+    output = Path(output)
+    check_new_database(output)
+    lmdb = _lmdb(output)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    written = 0
+    try:
+        env = lmdb.open(str(tmp), map_size=map_size, subdir=True)
+        try:
+            records = iter(records)
+            while True:
+                chunk = list(itertools.islice(records, _COMMIT_EVERY))
+                if not chunk:
+                    break
+                while True:
+                    try:
+                        with env.begin(write=True) as txn:
+                            for key, value in chunk:
+                                txn.put(key, value)
+                        break
+                    except lmdb.MapFullError:  # the aborted transaction is retried in a larger map
+                        map_size *= 2
+                        env.set_mapsize(map_size)
+                written += len(chunk)
+                if on_commit is not None:
+                    on_commit(written)
+            env.sync(True)
+        finally:
+            env.close()
+        os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return written
 
 
 def write_datum_lmdb(output, images: np.ndarray, labels: np.ndarray) -> Path:
@@ -57,40 +141,17 @@ def write_datum_lmdb(output, images: np.ndarray, labels: np.ndarray) -> Path:
     if images.dtype != np.uint8 or images.ndim != 4 or labels.ndim != 1 or len(labels) != len(images):
         raise DataError(f"Cannot write '{output}': expected uint8 images (N, C, H, W) and N labels, got "
                         f"{images.dtype} {images.shape} and {labels.shape}.")
-    if output.exists():
-        raise DataError(f"'{output}' already exists; a conversion never overwrites a database (Caffe's converters "
-                        "refuse too). Delete it or choose another output name.")
-    if not output.parent.is_dir():
-        raise DataError(f"Cannot create '{output}': the folder '{output.parent}' does not exist.")
-    lmdb = _lmdb(output)
     n, c, h, w = images.shape
+
+    def records():
+        datum = pb.Datum(channels=c, height=h, width=w)
+        for i in range(n):
+            datum.data = images[i].tobytes()
+            datum.label = int(labels[i])
+            yield b"%08d" % i, datum.SerializeToString()
+
     # Leaf pages hold the ~C*H*W-byte records with some slack; the map grows (doubling) if it fills anyway.
-    map_size = max(1 << 26, 3 * (images.nbytes + 64 * n))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    try:
-        env = lmdb.open(str(tmp), map_size=map_size, subdir=True)
-        try:
-            datum = pb.Datum(channels=c, height=h, width=w)
-            for start in range(0, n, _COMMIT_EVERY):
-                stop = min(n, start + _COMMIT_EVERY)
-                while True:
-                    try:
-                        with env.begin(write=True) as txn:
-                            for i in range(start, stop):
-                                datum.data = images[i].tobytes()
-                                datum.label = int(labels[i])
-                                txn.put(b"%08d" % i, datum.SerializeToString())
-                        break
-                    except lmdb.MapFullError:
-                        map_size *= 2
-                        env.set_mapsize(map_size)
-            env.sync(True)
-        finally:
-            env.close()
-        os.rename(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_lmdb(output, records(), map_size=max(1 << 26, 3 * (images.nbytes + 64 * n)))
     return output
 
 
@@ -125,9 +186,7 @@ def convert_mnist_data(image_file, label_file, output, *, backend: str = "lmdb",
         DataError: a wrong backend, a file that is not an MNIST image/label file, counts that differ, an existing
             output.
     """
-    if backend.lower() != "lmdb":
-        raise DataError(f"--backend {backend}: slim writes and reads LMDB only (Caffe's LEVELDB is not supported); "
-                        "use --backend lmdb and `backend: LMDB` in the net's data_param.")
+    check_backend(backend)
     image_file, label_file = Path(image_file), Path(label_file)
     _check_magic(image_file, MNIST_IMAGE_MAGIC, "image")
     _check_magic(label_file, MNIST_LABEL_MAGIC, "label")
