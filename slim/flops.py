@@ -27,6 +27,11 @@ axis of its first input or data top, so a deploy net written for batch 10 report
   batch counts ``count(shape[1:])`` elements, any other top, e.g. a scalar loss, its full count). An in-place top
   adds nothing new, and neither do the tops of Split, Flatten and Reshape, whose data Caffe shares with the bottom.
   The total is the sum over layers: Caffe keeps every blob of a forward alive, so this is its run-time footprint.
+* **Tied channels** -- channels that several layers write at once (the branches of a residual sum, an Eltwise),
+  found by slim.prune.groups from the graph: a channel group with more than one producing Convolution, Deconvolution
+  or InnerProduct (a depthwise convolution continues its input's channels and does not count as a second producer).
+  Pruning keeps or removes such a channel in every layer at once, so the conv+FC MACs of the layers that write or
+  read tied channels say what bounds pruning's speed-up; ``FlopReport.ties`` (TiedChannels) holds them.
 
 Example::
 
@@ -50,12 +55,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from slim import proto as pb
-from slim.errors import NetError
+from slim.errors import NetError, SlimError
 from slim.graph import NetGraph, build_graph, parse_phase
 from slim.layers.base import Shape, count
 
-__all__ = ["CONVENTIONS", "LayerCost", "FlopReport", "Change", "Comparison", "Latency", "calflop", "compare",
-           "family_mismatch", "measure_latency", "measure_latencies", "format_text", "to_json", "to_csv"]
+__all__ = ["CONVENTIONS", "LayerCost", "TiedChannels", "FlopReport", "Change", "Comparison", "Latency", "calflop",
+           "compare", "family_mismatch", "measure_latency", "measure_latencies", "format_text", "to_json", "to_csv"]
 
 _log = logging.getLogger(__name__)
 
@@ -134,6 +139,116 @@ class LayerCost:
 
 
 @dataclasses.dataclass(frozen=True)
+class TiedChannels:
+    """How much of a net's conv+FC work lies on channels tied across layers: what bounds pruning's speed-up.
+
+    A channel group (slim.prune.groups) is *tied* when more than one layer writes its channels: the branches of a
+    residual sum must keep the same channel indices, so ``slim prune`` keeps or removes a tied channel in all of them
+    at once, as one decision ranked by its strongest member under the default ``--tie-rule union`` (its largest
+    Scale factor over every branch, under slimming). A layer whose output channels are tied can then shrink only as
+    its input channels do, one whose inputs are tied only as its outputs do, and one that reads and writes only
+    tied channels not at all while they stay.
+
+    All MAC figures are conv+FC multiply-accumulates per image. A layer whose channels lie partly in tied groups
+    counts by the tied fraction of its positions (``writes``: of its outputs; ``reads``: of its inputs; ``both``:
+    the product, or the fraction itself for a depthwise convolution, whose outputs are its inputs).
+
+    Attributes:
+        groups: the tied channel groups.
+        channels: channels in them (each one keep-or-remove decision).
+        total_channels: channels of every group of the net.
+        pinned: the tied channels that may never be removed (slim.prune.groups says why).
+        producers: for each tied group, how many layers write it.
+        tied_by: names of the layers that tie them (the Eltwise sums).
+        tied_by_types: their types.
+        macs: conv+FC MACs of the net.
+        writes: MACs of the layers that write tied channels.
+        reads: MACs of the layers that read tied channels.
+        both: MACs that read and write tied channels.
+        layers: (layer name, tied fraction of its outputs, of its inputs) for every conv+FC layer.
+    """
+
+    groups: int
+    channels: int
+    total_channels: int
+    pinned: int
+    producers: Tuple[int, ...]
+    tied_by: Tuple[str, ...]
+    tied_by_types: Tuple[str, ...]
+    macs: Number
+    writes: Number
+    reads: Number
+    both: Number
+    layers: Tuple[Tuple[str, float, float], ...] = dataclasses.field(repr=False, default=())
+
+    @property
+    def touching(self) -> Number:
+        """MACs of the layers that read or write tied channels."""
+        return self.writes + self.reads - self.both
+
+    @property
+    def free(self) -> Number:
+        """MACs that touch no tied channel: the only ones that fall with the square of the pruned fraction."""
+        return self.macs - self.touching
+
+    def share(self, which: str = "writes") -> float:
+        """A figure ("writes", "reads", "both", "touching", "free") as a fraction of the conv+FC MACs (0 for none)."""
+        value = getattr(self, which)
+        return value / self.macs if self.macs else 0.0
+
+
+def tied_channels(graph: NetGraph, layers: Sequence[LayerCost]) -> Optional[TiedChannels]:
+    """The TiedChannels of a net, from its graph and the costs calflop computed for it.
+
+    Returns None when the channel analysis cannot follow the net (it raises a SlimError only for what ``slim prune``
+    would refuse too); the rest of the report does not depend on it.
+    """
+    import numpy as np
+
+    from slim.prune.groups import analyze  # numpy only, no torch: calflop stays as light as before
+
+    try:
+        analysis = analyze(graph)
+    except SlimError as e:
+        _log.debug("calflop: no channel analysis of %s: %s", graph.source, e)
+        return None
+    producers = [{p for p in group.producers if p in analysis.producers and analysis.producers[p].mode != "depthwise"}
+                 for group in analysis.groups]
+    tied = np.array([len(p) > 1 for p in producers], bool)
+    tied_groups = [g for g in analysis.groups if tied[g.index]]
+    ties = []
+    for g in tied_groups:
+        for t in g.touches:
+            if t.verb == "tied by" and (t.layer, t.type) not in ties:
+                ties.append((t.layer, t.type))
+    writes = reads = both = macs = 0
+    fractions = []
+    for cost in layers:
+        if cost.kind not in ("conv", "fc") or not cost.counted:
+            continue
+        macs += cost.macs
+        info = analysis.producers.get(cost.name)
+        if info is None:  # a producer the analysis treats as a barrier (no channels in or out)
+            fractions.append((cost.name, 0.0, 0.0))
+            continue
+        out = float(tied[analysis.group_of[info.outputs]].mean()) if len(info.outputs) else 0.0
+        inp = float(tied[analysis.group_of[info.inputs]].mean()) if len(info.inputs) else 0.0
+        fractions.append((cost.name, out, inp))
+        writes += cost.macs * out
+        reads += cost.macs * inp
+        both += cost.macs * (out if info.mode == "depthwise" else out * inp)
+    return TiedChannels(len(tied_groups), sum(g.size for g in tied_groups), analysis.num_channels,
+                        sum(len(g.pinned) for g in tied_groups), tuple(len(producers[g.index]) for g in tied_groups),
+                        tuple(name for name, _ in ties), tuple(sorted({t for _, t in ties})), macs, _whole(writes),
+                        _whole(reads), _whole(both), tuple(fractions))
+
+
+def _whole(value: Number) -> Number:
+    # A layer lies wholly in tied channels or outside them in every net seen so far, so the sums are whole numbers.
+    return int(value) if float(value).is_integer() else value
+
+
+@dataclasses.dataclass(frozen=True)
 class FlopReport:
     """Per-layer costs of a net and their totals under each convention (see the module docstring).
 
@@ -143,6 +258,8 @@ class FlopReport:
         phase: "TRAIN" or "TEST".
         batch: the batch size the figures are divided by.
         layers: one LayerCost per layer, in execution order.
+        ties: the conv+FC MACs on channels tied across layers (TiedChannels); None when the channel analysis could
+            not follow the net.
     """
 
     name: str
@@ -150,6 +267,7 @@ class FlopReport:
     phase: str
     batch: int
     layers: Tuple[LayerCost, ...]
+    ties: Optional[TiedChannels] = dataclasses.field(default=None, repr=False)
 
     def macs(self, convention: str = "conv+fc") -> Number:
         """Total multiply-accumulates per image under ``convention`` ("conv", "conv+fc" or "all")."""
@@ -248,7 +366,8 @@ def calflop(net_or_path: Union[str, Path, "pb.NetParameter", NetGraph], *, phase
         layers.append(LayerCost(node.index, node.name, node.type, layer.cost_kind, tuple(node.top_shapes),
                                 None if macs is None else int(macs), batch, params, blob_elements, activation,
                                 node.in_place))
-    return FlopReport(graph.name, graph.source, "TRAIN" if graph.phase == pb.TRAIN else "TEST", batch, tuple(layers))
+    return FlopReport(graph.name, graph.source, "TRAIN" if graph.phase == pb.TRAIN else "TEST", batch, tuple(layers),
+                      tied_channels(graph, layers))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -587,6 +706,7 @@ def format_text(report: FlopReport, comparison: Optional[Comparison] = None,
         lines.append(f"Uncounted layers (no cost rule; all-ops is a lower bound): {names}")
     else:
         lines.append("Uncounted layers: none")
+    lines += _tied_lines(report.ties)
     if comparison is not None:
         lines.append("")
         lines += _comparison_lines(comparison)
@@ -614,7 +734,69 @@ def _comparison_lines(c: Comparison) -> List[str]:
         lines.append(f"Measured, baseline: {c.baseline_latency}")
         lines.append(f"Measured speed-up (baseline / net median per image): {c.measured_speedup:.2f}x; theoretical "
                      f"{c.speedup('conv+fc'):.2f}x (conv+FC), {c.speedup('all'):.2f}x (all-ops)")
+    lines += _tied_change_lines(c)
     return lines
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:.2f}%"
+
+
+def _tied_lines(t: Optional[TiedChannels]) -> List[str]:
+    """What the tied channels leave to pruning (see TiedChannels); nothing when the analysis could not run."""
+    if t is None:
+        return []
+    if not t.groups:
+        return ["Tied channels: none (no channel is written by more than one layer): 0% of the conv+FC MACs are in "
+                "tied channels, so pruning can shrink every layer on both its input and its output side."]
+    few, most = min(t.producers), max(t.producers)
+    writers = f"{few}-{most}" if few != most else f"{most}"
+    pinned = f"; {t.pinned:,} of them pinned" if t.pinned else ""
+    return [
+        f"Tied channels: {t.groups} group{'s' if t.groups != 1 else ''}, {t.channels:,} of the net's "
+        f"{t.total_channels:,} channels, each written by {writers} layers at once (tied by {len(t.tied_by)} "
+        f"{'/'.join(t.tied_by_types)} layer{'s' if len(t.tied_by) != 1 else ''}){pinned}.",
+        f"  {_pct(t.share('writes'))} of the conv+FC MACs are in layers that write tied channels, "
+        f"{_pct(t.share('reads'))} in layers that read them ({_pct(t.share('both'))} both); "
+        f"{_pct(t.share('free'))} touch free channels only.",
+        f"  This bounds pruning's speed-up: slim prune keeps or removes a tied channel in all of its layers at once, "
+        f"ranked by its strongest branch",
+        f"  (--tie-rule union, the default; under slimming, the largest Scale factor that holds it), so it goes only "
+        f"when every branch would remove it.",
+        f"  While the tied channels stay, the {_pct(t.share('touching'))} of the MACs that touch them shrink only with "
+        f"each layer's free side (in proportion to the kept fraction, not its square)"
+        + (f", and the {_pct(t.share('both'))} that read and write only tied channels do not shrink at all." if t.both
+           else "."),
+    ]
+
+
+def _tied_change(c: "Comparison") -> Optional[dict]:
+    """The tied channels of a net against its baseline's (None when either analysis is missing or neither net has
+    tied channels)."""
+    t, b = c.net.ties, c.baseline.ties
+    if t is None or b is None or not (t.groups or b.groups):
+        return None
+    ratio = lambda before, after: before / after if after else None
+    return {"channels": t.channels, "baseline_channels": b.channels,
+            "touching_macs": t.touching, "baseline_touching_macs": b.touching,
+            "touching_speedup": ratio(b.touching, t.touching),
+            "free_macs": t.free, "baseline_free_macs": b.free, "free_speedup": ratio(b.free, t.free),
+            "touching_share": t.share("touching"), "baseline_touching_share": b.share("touching"),
+            "writes_share": t.share("writes"), "baseline_writes_share": b.share("writes")}
+
+
+def _tied_change_lines(c: "Comparison") -> List[str]:
+    d = _tied_change(c)
+    if d is None:
+        return []
+    x = lambda r: "-" if r is None else f"{r:.2f}x"
+    return [f"Tied channels against the baseline: {d['channels']:,} of {d['baseline_channels']:,} kept; conv+FC MACs "
+            f"of the layers touching them {_si(d['baseline_touching_macs'])} -> {_si(d['touching_macs'])} "
+            f"({x(d['touching_speedup'])}), of the layers on free channels only {_si(d['baseline_free_macs'])} -> "
+            f"{_si(d['free_macs'])} ({x(d['free_speedup'])}).",
+            f"  {_pct(d['touching_share'])} of the remaining conv+FC MACs touch tied channels (baseline "
+            f"{_pct(d['baseline_touching_share'])}; {_pct(d['writes_share'])} write them, baseline "
+            f"{_pct(d['baseline_writes_share'])}): while the tied channels stay whole, these limit the speed-up."]
 
 
 def _latency_json(latency: Optional[Latency]) -> Optional[dict]:
@@ -627,10 +809,21 @@ def _latency_json(latency: Optional[Latency]) -> Optional[dict]:
             "times_s": list(latency.times)}
 
 
+def _tied_json(t: Optional[TiedChannels]) -> Optional[dict]:
+    if t is None:
+        return None
+    return {"groups": t.groups, "channels": t.channels, "total_channels": t.total_channels, "pinned": t.pinned,
+            "producers": list(t.producers), "tied_by": list(t.tied_by), "tied_by_types": list(t.tied_by_types),
+            "macs": t.macs, "writes_macs": t.writes, "reads_macs": t.reads, "both_macs": t.both,
+            "touching_macs": t.touching, "free_macs": t.free,
+            "share": {k: t.share(k) for k in ("writes", "reads", "both", "touching", "free")},
+            "layers": [{"name": n, "tied_outputs": o, "tied_inputs": i} for n, o, i in t.layers]}
+
+
 def to_json(report: FlopReport, comparison: Optional[Comparison] = None,
             latency: Optional[Latency] = None) -> dict:
-    """Everything in one JSON-ready object: layers, totals per convention, params, memory, uncounted layers, the
-    baseline comparison and the measurement (null when absent). Figures are per image."""
+    """Everything in one JSON-ready object: layers, totals per convention, params, memory, uncounted layers, the MACs
+    on tied channels, the baseline comparison and the measurement (null when absent). Figures are per image."""
     layers = [{"index": l.index, "name": l.name, "type": l.type, "kind": l.kind,
                "top_shapes": [list(s) for s in l.top_shapes], "params": l.params, "blob_elements": l.blob_elements,
                "macs": l.macs, "flops": l.flops, "share": report.share(l), "activation_bytes": l.activation_bytes,
@@ -643,6 +836,7 @@ def to_json(report: FlopReport, comparison: Optional[Comparison] = None,
         "params": report.params, "blob_elements": report.blob_elements,
         "activation_bytes": report.activation_bytes,
         "uncounted": [{"name": l.name, "type": l.type} for l in report.uncounted],
+        "tied_channels": _tied_json(report.ties),
         "layers": layers,
         "baseline": None,
         "measurement": None,
@@ -657,6 +851,8 @@ def to_json(report: FlopReport, comparison: Optional[Comparison] = None,
                          "reduction_percent": ch.reduction, "ratio": ch.ratio} for ch in comparison.changes],
             "speedup": {name: comparison.speedup(name) for name in CONVENTIONS},
             "mismatch": comparison.mismatch,
+            "tied_channels": _tied_json(comparison.baseline.ties),
+            "tied_change": _tied_change(comparison),
         }
         latency = comparison.latency if latency is None else latency
         if comparison.baseline_latency is not None:
