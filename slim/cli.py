@@ -20,7 +20,7 @@ from slim.threads import ENV, choose_threads, use_threads
 __all__ = ["main", "COMMANDS"]
 
 COMMANDS = ["train", "test", "time", "prune", "decompose", "pipeline", "calflop", "deploy", "zoo", "summary", "demo",
-            "convert_mnist_data", "convert_imageset", "export", "import"]
+            "convert_mnist_data", "convert_imageset", "compute_image_mean", "export", "import"]
 
 # Commands that run nets with torch: they take --threads, and the thread count chosen is applied before they run.
 THREADED = ("train", "test", "time", "pipeline", "calflop", "demo")
