@@ -618,14 +618,23 @@ def check_imported(result: ImportResult, model_path, tolerance: float = 1e-4):
 
 
 def write_imported(result: ImportResult, output: Union[str, os.PathLike]) -> Tuple[str, str]:
-    """Write OUT.prototxt and OUT.caffemodel (the suffix of ``output``, if any, is dropped); returns both paths."""
+    """Write OUT.prototxt and OUT.caffemodel (the suffix of ``output``, if any, is dropped); returns both paths.
+
+    The two are written as a pair (slim.io.atomic.atomic_files): both whole in a temporary folder beside them, then
+    renamed into place, the prototxt last. A failure leaves neither a partial file nor a new file beside an old one.
+
+    Raises:
+        OutputError: the folder does not exist, or is full, read-only or not writable (nothing is written).
+    """
     from slim.io import write_caffemodel, write_net
+    from slim.io.atomic import atomic_files
 
     base = os.fspath(output)
     for suffix in (".prototxt", ".caffemodel"):
         if base.endswith(suffix):
             base = base[: -len(suffix)]
     proto, weights = base + ".prototxt", base + ".caffemodel"
-    write_net(result.net, proto)
-    write_caffemodel(weights, result.net, result.blobs)
+    with atomic_files(proto) as folder:
+        write_caffemodel(folder / os.path.basename(weights), result.net, result.blobs)
+        write_net(result.net, folder / os.path.basename(proto))
     return proto, weights

@@ -6,8 +6,11 @@
 * Nothing slim writes follows a symbolic link planted at its name (output folders are often shared): temporary
   files are created with ``O_EXCL | O_NOFOLLOW`` (``mkstemp``), the rename replaces a link instead of writing
   through it, and :func:`open_append` (log-like files) refuses to follow one.
-* A writer killed mid-write (``kill -9``) leaves its temporary file, named ``.<target>.<8 random>.tmp``. The
-  writer holds an advisory lock on it while it writes, so :func:`remove_stale_temps` can later tell a leftover
+* :func:`atomic_files` does the same for files that belong together and are written by someone else's code (an ONNX
+  model and its external-data files, a prototxt and its caffemodel): they are written into a temporary folder
+  beside the target and renamed into place only when all are complete, the target itself last.
+* A writer killed mid-write (``kill -9``) leaves its temporary file (or folder), named ``.<target>.<8 random>.tmp``.
+  The writer holds an advisory lock on it while it writes, so :func:`remove_stale_temps` can later tell a leftover
   from a file being written and remove only leftovers, only of that exact pattern.
 """
 
@@ -18,6 +21,7 @@ import errno
 import logging
 import os
 import re
+import shutil
 import stat
 import tempfile
 import time
@@ -30,13 +34,14 @@ try:
 except ImportError:  # Windows: no advisory locks, so no leftover is ever judged stale
     fcntl = None
 
-__all__ = ["atomic_write", "open_append", "open_regular", "output_error", "check_output_path", "probe_folder",
-           "temp_pattern", "remove_stale_temps"]
+__all__ = ["atomic_write", "atomic_files", "open_append", "open_regular", "output_error", "check_output_path",
+           "probe_folder", "temp_pattern", "remove_stale_temps"]
 
 _log = logging.getLogger(__name__)
 
 # The errors that mean "this folder cannot take the file", reported as an OutputError.
-_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ELOOP}
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.ELOOP,
+                  errno.EISDIR}
 # tempfile's names: 8 characters from this alphabet between prefix and suffix.
 _RANDOM = r"[a-z0-9_]{8}"
 _SUFFIX = ".tmp"
@@ -78,6 +83,9 @@ def output_error(exc: OSError, path) -> OutputError:
     elif code == errno.ELOOP:
         why = "a symbolic link is in the way and slim does not write through links"
         fix = "Remove the link"
+    elif code == errno.EISDIR:
+        why = "a folder of that name is in the way"
+        fix = "Remove or rename it, or write somewhere else"
     else:
         why = exc.strerror or str(exc)
         fix = "Check the folder"
@@ -121,6 +129,73 @@ def atomic_write(path, mode: str = "wb"):
         if isinstance(exc, OSError) and exc.errno in _OUTPUT_ERRNOS:
             raise output_error(exc, path) from None
         raise
+
+
+@contextlib.contextmanager
+def atomic_files(path):
+    """Write ``path`` and the files that go with it (written by code that takes a file name) all or nothing.
+
+    Yields a new, empty temporary folder in ``path``'s folder (``.<name>.<8 random>.tmp``, locked while in use):
+    the caller writes ``path``'s file there under ``path``'s own name, with any side files beside it (an ONNX
+    model's external data, a caffemodel beside its prototxt). When the block ends without an error, every file in
+    the folder is synced and renamed into ``path``'s folder, ``path``'s own name last (the file that names the
+    others appears only once they are in place), and the folder is removed. On any error the folder is removed
+    with everything in it and nothing in ``path``'s folder has changed. A symbolic link planted at any of the
+    names is replaced, never written through; an existing file's mode is kept. Temporary folders that killed
+    writers left for ``path`` are removed first (only that exact pattern, only when unlocked: see
+    :func:`remove_stale_temps`). The renames are one per file: a crash in the instant between them can leave new side
+    files beside the previous ``path``, never a partial file.
+
+    Raises:
+        OutputError: the folder does not exist, or is full, read-only or not writable (nothing is left behind).
+    """
+    check_output_path(path)
+    path = Path(path)
+    folder = path.parent
+    for stale in remove_stale_temps(folder, re.escape(path.name), folders=True):
+        _log.warning("Removed %s, left by a write of %s that was interrupted.", stale, path)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=_SUFFIX, dir=folder))
+    except OSError as exc:
+        raise output_error(exc, path) from None
+    fd = None
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        _lock(fd)
+        yield tmp
+        names = sorted((e.name for e in os.scandir(tmp) if e.is_file(follow_symlinks=False)),
+                       key=lambda name: (name == path.name, name))
+        if path.name not in names:
+            raise OutputError(f"Cannot write {path}: the writer left no file of that name (it wrote "
+                              f"{', '.join(names) or 'nothing'}). Nothing was written.")
+        for name in names:
+            file_fd = os.open(tmp / name, os.O_RDONLY)
+            try:
+                os.fchmod(file_fd, _mode_for(folder / name))  # a plain open()'s mode, or the replaced file's
+                os.fsync(file_fd)
+            finally:
+                os.close(file_fd)
+        for name in names:
+            os.replace(tmp / name, folder / name)
+    except BaseException as exc:
+        cause = _os_error(exc)
+        if cause is not None:
+            raise output_error(cause, path) from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if fd is not None:
+            os.close(fd)
+
+
+def _os_error(exc: BaseException):
+    """The OSError that says a folder cannot take files, if ``exc`` is one or was raised from one (exporters wrap)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in _OUTPUT_ERRNOS:
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def _mode_for(path: Path) -> int:
@@ -211,11 +286,13 @@ def temp_pattern(name_regex: str) -> str:
     return rf"\.(?:{name_regex})\.{_RANDOM}{re.escape(_SUFFIX)}"
 
 
-def remove_stale_temps(folder, name_regex: str) -> list[str]:
+def remove_stale_temps(folder, name_regex: str, folders: bool = False) -> list[str]:
     """Remove the temporary files that killed writers left in ``folder`` for targets matching ``name_regex``.
 
     Only files of :func:`atomic_write`'s exact naming pattern are considered, and of those only the ones no
-    live writer holds (its lock) and that have not changed for a moment. Links and folders are never touched.
+    live writer holds (its lock) and that have not changed for a moment. Links are never touched, nor folders
+    unless ``folders`` is set: then :func:`atomic_files`' temporary folders of the same pattern are removed too,
+    under the same conditions, when they hold nothing but regular files.
 
     Returns:
         The paths removed.
@@ -238,19 +315,35 @@ def remove_stale_temps(folder, name_regex: str) -> list[str]:
             continue  # a link (O_NOFOLLOW), or gone meanwhile; O_NONBLOCK: a FIFO so named does not block
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or time.time() - st.st_mtime < _STALE_AFTER_S:
+            is_folder = folders and stat.S_ISDIR(st.st_mode)
+            if not (stat.S_ISREG(st.st_mode) or is_folder) or time.time() - st.st_mtime < _STALE_AFTER_S:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue  # a live writer holds it (or the file system has no locks: keep it)
-            os.unlink(path)
+            if is_folder:
+                if not _empty_folder(fd):
+                    continue
+                os.rmdir(path)
+            else:
+                os.unlink(path)
             removed.append(path)
         except OSError:
             continue
         finally:
             os.close(fd)
     return removed
+
+
+def _empty_folder(fd: int) -> bool:
+    """Remove the files in the open folder ``fd`` if all are regular files (by ``fd``: no path is followed)."""
+    entries = list(os.scandir(fd))
+    if not all(e.is_file(follow_symlinks=False) for e in entries):
+        return False
+    for e in entries:
+        os.unlink(e.name, dir_fd=fd)
+    return True
 
 
 def _lock(fd: int) -> None:
