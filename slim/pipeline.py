@@ -6,7 +6,9 @@ Pass k (k = 1..passes):
   2. ``slim prune`` with the given policy (each pass prunes ``percent`` of the channels left);
   3. fine-tuning with the fine-tune solver on the pruned net, from the transplanted weights.
 Everything lands in ``out_dir`` (``passK_sparse.caffemodel``, ``passK_pruned.prototxt/.caffemodel/.json``,
-``passK_finetune*``) with one ``pipeline_report.json``.
+``passK_finetune*``) with one ``pipeline_report.json``. With ``sources`` (``--source LAYER=PATH``, slim.sources) the
+net is first written to ``input_net.prototxt`` with its data layers reading those sources, and every pass starts
+from it, so the solvers and pruned nets written there run again without the flags.
 """
 
 from __future__ import annotations
@@ -60,6 +62,17 @@ def _net_path(solver: "pb.SolverParameter", source: str) -> str:
     raise SolverError(f"{source}: the pipeline needs the sparse solver to name its net by path (net: \"...\").")
 
 
+def _write_input_net(net: "pb.NetParameter", net_path: str, sources: Sequence[str], out: Path, echo) -> str:
+    """Writes the net whose data sources ``--source`` overrode as ``out/input_net.prototxt``; returns that path."""
+    from slim.io import write_net
+    from slim.io.text import spells_ceil_mode
+
+    path = out / "input_net.prototxt"
+    write_net(net, path, opencv=spells_ceil_mode(net_path))
+    echo(f"[pipeline] {net_path} with {', '.join('--source ' + s for s in sources)} -> {path}")
+    return str(path)
+
+
 def _train(param, solver_path: str, weights: Optional[str], device, echo):
     from slim.solver.solver import Solver
     solver = Solver(param, solver_path=solver_path, weights=[weights] if weights else None, device=device)
@@ -71,12 +84,13 @@ def _train(param, solver_path: str, weights: Optional[str], device, echo):
 
 def run_pipeline(sparse_solver: str, finetune_solver: str, percent: float, *, passes: int = 1,
                  out_dir: str = "pipeline", weights: Optional[str] = None, policy_kwargs: Optional[dict] = None,
-                 absorb_bias: bool = False, device=None, echo=print) -> dict:
+                 absorb_bias: bool = False, device=None, sources: Sequence[str] = (), echo=print) -> dict:
     """Run the pipeline; return the report (also written to ``out_dir/pipeline_report.json``)."""
     from slim.flops import calflop
     from slim.deploy import make_deploy
     from slim.io import read_net, read_solver, write_solver
     from slim.prune import PrunePolicy, prune_net, write_pruned
+    from slim.sources import override_sources
 
     if passes < 1:
         raise SolverError(f"--passes must be at least 1, found {passes}.")
@@ -86,13 +100,19 @@ def run_pipeline(sparse_solver: str, finetune_solver: str, percent: float, *, pa
     finetune_param = read_solver(finetune_solver)
     if not sparse_param.sparsity.penalty:
         echo(f"note: {sparse_solver} sets no sparsity penalty; sparse training is then plain training.")
+    net_path = given = _net_path(sparse_param, sparse_solver)
+    start = read_net(net_path)
+    if sources:
+        start = override_sources(start, sources, where=net_path)  # checked before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    net_path = _net_path(sparse_param, sparse_solver)
-    start = read_net(net_path)
+    if sources:
+        net_path = _write_input_net(start, given, sources, out, echo)
     base = calflop(make_deploy(start))
     report = {"sparse_solver": sparse_solver, "finetune_solver": finetune_solver, "percent": percent,
-              "passes": [], "baseline": {"net": net_path, "params": base.params, "macs": base.macs("conv+fc")}}
+              "passes": [], "baseline": {"net": given, "params": base.params, "macs": base.macs("conv+fc")}}
+    if sources:
+        report["sources"] = list(sources)
     current_weights = weights
     for k in range(1, passes + 1):
         t0 = time.perf_counter()

@@ -53,3 +53,28 @@ def write_solver(folder: Path, net_text: str, name="solver", **fields) -> Path:
     path.write_text("\n".join(lines) + "\n")
     parse_solver(path.read_text(), str(path))  # fail here, not in the test, on a typo
     return path
+
+
+def lmdb_tiny_net(folder: Path, batch=16, test_batch=60):
+    """tiny_net with Caffe Data layers, TRAIN and TEST both named "data", whose prototxt sources do not exist here,
+    and LMDBs of the digits (made in ``folder``) to point them at with ``--source``.
+
+    Returns:
+        (net text, train LMDB path, test LMDB path).
+    """
+    import numpy as np
+
+    from slim.data.digits import load_digits
+    from slim.data.lmdb_writer import write_datum_lmdb
+
+    dbs = []
+    for split, train, n in (("train", True, 96), ("test", False, 60)):
+        images, labels = load_digits(train).read(np.arange(n))
+        dbs.append(write_datum_lmdb(folder / f"digits_{split}_lmdb", images, labels))
+    data = "\n".join(
+        f'layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: {phase} }}\n'
+        f'  transform_param {{ scale: 0.0625 }}\n'
+        f'  data_param {{ source: "examples/digits/{split}_lmdb" batch_size: {size} backend: LMDB }} }}'
+        for phase, split, size in (("TRAIN", "train", batch), ("TEST", "test", test_batch)))
+    rest = tiny_net(batch, test_batch=test_batch)
+    return 'name: "tiny"\n' + data + "\n" + rest[rest.index('layer { name: "conv"'):], str(dbs[0]), str(dbs[1])

@@ -124,3 +124,24 @@ def test_deploy_net_and_train_net_take_the_shape_from_the_same_records(tmp_path)
     net.layer[0].transform_param.crop_size = 4
     assert data_shape(net.layer[0]) == (3, 4, 4)
     assert build_graph(net, phase="TRAIN").layer("data").top_shapes[0] == (4, 3, 4, 4)
+
+
+def test_one_database_read_by_several_layers_at_once(tmp_path):
+    # py-lmdb opens an environment once per process: a train net and a test net (or a solver and the pruner after
+    # it) reading the same database share it, and it closes when the last reader goes.
+    import gc
+    import os
+
+    from slim.data import lmdb_source
+
+    imgs = np.random.default_rng(5).integers(0, 256, (4, 1, 2, 2), dtype=np.uint8)
+    write_db(tmp_path / "db", [(b"%d" % i, raw_datum(imgs[i], i)) for i in range(4)])
+    first = open_source(data_layer(tmp_path / "db", batch=4), phase=pb.TRAIN)
+    (tmp_path / "x").mkdir()
+    second = open_source(data_layer(f"{tmp_path}/x/../db", batch=2), phase=pb.TEST)  # the same folder
+    assert infer_top_shapes(data_layer(tmp_path / "db")) == [(2, 1, 2, 2), (2,)]
+    np.testing.assert_array_equal(first.next_batch()[1].numpy(), [0, 1, 2, 3])
+    np.testing.assert_array_equal(second.next_batch()[1].numpy(), [0, 1])
+    del first, second
+    gc.collect()
+    assert os.path.realpath(tmp_path / "db") not in set(lmdb_source._OPEN_ENVS.keys())

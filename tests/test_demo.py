@@ -70,6 +70,39 @@ def test_pipeline_two_passes(tmp_path, monkeypatch, capsys, _logging):
     assert len(testing) == 2 * (2 + 3)
 
 
+def test_pipeline_with_source_flags(tmp_path, monkeypatch, capsys, _logging):
+    # The net names LMDBs that are not here; --source points the pipeline at local ones, and every file it writes
+    # (the input net, the pruned nets, the solvers) then runs again without the flags.
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from solver_helpers import lmdb_tiny_net
+
+    from slim.io import read_net, read_solver
+    from slim.solver.nets import solver_nets
+
+    monkeypatch.chdir(tmp_path)
+    text, train_db, test_db = lmdb_tiny_net(tmp_path)
+    (tmp_path / "net.prototxt").write_text(text)
+    common = ('net: "net.prototxt"\ntest_iter: 1\ntest_interval: 3\nmax_iter: 3\nlr_policy: "fixed"\n'
+              'momentum: 0.9\nrandom_seed: 1\ntest_initialization: false\n')
+    (tmp_path / "sparse.prototxt").write_text(common + "base_lr: 0.1\nsparsity { penalty: 0.01 }\n")
+    (tmp_path / "finetune.prototxt").write_text(common + "base_lr: 0.01\n")
+    argv = ["pipeline", "--solver", "sparse.prototxt", "--finetune-solver", "finetune.prototxt", "--percent", "0.3",
+            "--out", "out", "--source", f"data@TRAIN={train_db}"]
+    assert main(argv + ["--source", f"data@TSET={test_db}"]) == 2
+    assert "is not LAYER=PATH or LAYER@PHASE=PATH" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(argv + ["--source", f"data@TEST={test_db}"]) == 0
+    report = json.loads((tmp_path / "out" / "pipeline_report.json").read_text())
+    assert report["sources"] == [f"data@TRAIN={train_db}", f"data@TEST={test_db}"]
+    assert report["baseline"]["net"] == "net.prototxt" and report["passes"][0]["params"] < report["baseline"]["params"]
+    written = [read_net(tmp_path / "out" / "input_net.prototxt"), read_net(report["passes"][0]["files"]["prototxt"])]
+    finetune = read_solver(tmp_path / "out" / "pass1_finetune_solver.prototxt")
+    written.append(solver_nets(finetune, str(tmp_path / "out" / "pass1_finetune_solver.prototxt")).train.net)
+    for net in written:
+        assert [lp.data_param.source for lp in net.layer if lp.type == "Data"] == [train_db, test_db]
+
+
 def _fake_result():
     from types import SimpleNamespace
     layers = [SimpleNamespace(name="conv1", before=8, after=3), SimpleNamespace(name="conv2", before=16, after=6)]

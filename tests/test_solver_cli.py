@@ -1,4 +1,5 @@
-"""``slim train`` and ``slim test`` (caffe train / caffe test), tools/solve.py, and the demo's solver."""
+"""``slim train`` and ``slim test`` (caffe train / caffe test), tools/solve.py, the demo's solver, and ``--source``
+on the commands that read data."""
 
 import re
 import subprocess
@@ -12,7 +13,7 @@ from slim.cli import main
 from slim.io import read_solver
 from slim.solver import Solver
 from slim.solver.logs import reset_logging
-from solver_helpers import tiny_net, write_solver
+from solver_helpers import lmdb_tiny_net, tiny_net, write_solver
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,3 +169,40 @@ def test_the_demo_baseline_solver_trains(tmp_path, monkeypatch):
     ev = solver.test(0)
     assert ev.as_dict()["accuracy"] > 0.5 and solver.loss < 1.5  # chance is 0.1 and 2.3
     assert (tmp_path / "demo_iter_20.caffemodel").exists()
+
+
+def test_source_points_data_layers_elsewhere_without_editing_the_net(tmp_path, capsys):
+    # A net made elsewhere names LMDBs that are not on this machine; --source runs it on the local ones, unedited.
+    text, train_db, test_db = lmdb_tiny_net(tmp_path)
+    path = write_solver(tmp_path, text, max_iter=2, test_iter=1, test_interval=2, snapshot_after_train=True)
+    net = tmp_path / "solver_net.prototxt"
+    assert main(["train", "--solver", str(path)]) == 2
+    assert "examples/digits/train_lmdb' (data_param.source) does not exist" in capsys.readouterr().err
+    # Caffe's single-dash spelling works for the new flag too.
+    assert main(["train", "--solver", str(path), "--source", f"data@TRAIN={train_db}", "-source",
+                 f"data@TEST={test_db}"]) == 0
+    out = capsys.readouterr().out
+    assert "Test net output #0: acc = " in out and out.rstrip().endswith("Optimization Done.")
+    assert "examples/digits/train_lmdb" in net.read_text()  # the prototxt was not rewritten
+    weights = str(tmp_path / "solver_iter_2.caffemodel")
+    assert main(["test", str(net), "--weights", weights, "--iterations", "1", "--source", f"data@TEST={test_db}"]) == 0
+    assert "Batch 0, acc = " in capsys.readouterr().out
+    assert main(["time", str(net), "--iterations", "1", "--source", f"data@TRAIN={train_db}"]) == 0
+    assert "Average Forward pass" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["train", "test", "time"])
+def test_a_source_flag_for_no_data_layer_is_one_clear_error(tmp_path, capsys, command):
+    text, _, test_db = lmdb_tiny_net(tmp_path)
+    path = write_solver(tmp_path, text)
+    argv = {"train": ["train", "--solver", str(path)],
+            "test": ["test", str(tmp_path / "solver_net.prototxt"), "--weights", "w.caffemodel"],
+            "time": ["time", str(tmp_path / "solver_net.prototxt")]}[command]
+    assert main([*argv, "--source", f"dat={test_db}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--source dat={test_db}: there is no layer named 'dat'. The data layers are: 'data' (Data, TRAIN, " \
+           "data_param.source 'examples/digits/train_lmdb'), 'data' (Data, TEST, data_param.source " \
+           "'examples/digits/test_lmdb')." in err and "Traceback" not in err, err
+    assert main([*argv, "--source", f"data={test_db}"]) == 2
+    assert "is ambiguous: 2 layers are named 'data' (Data in TRAIN, Data in TEST). Say which with --source " \
+           f"data@TRAIN={test_db} or --source data@TEST={test_db}" in capsys.readouterr().err

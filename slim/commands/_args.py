@@ -7,6 +7,8 @@ vocabulary, unknown flags with a suggestion, and help text fit for a terminal.
   command documented first; ``add_model`` gives a command both, ``merge_model`` checks that exactly one was given.
 * Devices: ``cpu``, ``cuda`` or ``gpu`` (the first GPU), ``cuda:N``, ``gpu:N`` or ``N`` (GPU N), parsed by
   ``resolve_device``, which refuses a GPU on a torch without CUDA in one sentence.
+* Data: commands that read a net's data take ``--source LAYER=PATH`` (``add_source``, slim.sources), applied to the
+  parsed net by ``net_with_sources``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import List, Optional
 from slim.errors import SlimError
 
 __all__ = ["caffe_spelling", "unknown_flags", "terminal_text", "add_model", "merge_model", "resolve_device",
-           "DEVICE_HELP"]
+           "add_source", "net_with_sources", "DEVICE_HELP"]
 
 DEVICE_HELP = "cpu, cuda (or gpu: the first GPU), cuda:N, gpu:N or N"
 
@@ -108,3 +110,29 @@ def resolve_device(text: Optional[str], flag: str = "--device", default: str = "
     if index >= count:
         raise SlimError(f"{flag} {text} asks for GPU {index}, but this machine has {count} (ids 0 to {count - 1}).")
     return torch.device(f"cuda:{index}")
+
+
+def add_source(parser: argparse.ArgumentParser) -> None:
+    """``--source LAYER=PATH`` (repeatable): where a data layer reads from, instead of its prototxt's source."""
+    parser.add_argument("--source", action="append", default=[], metavar="LAYER=PATH",
+                        help="read data layer LAYER from PATH instead of the source its prototxt names (repeatable; "
+                             "LAYER@TRAIN=PATH or LAYER@TEST=PATH picks one of a TRAIN and a TEST layer that share "
+                             "the name)")
+
+
+def net_with_sources(path: str, sources: List[str], *, phase: str, level: int = 0, stages=(),
+                     allow_unknown_fields: bool = False):
+    """``path`` itself without ``--source`` flags; with them, the NetGraph of the net whose data layers read the
+    given sources (slim.sources), named after ``path`` in messages. Either is what slim.Net takes.
+
+    Raises:
+        SlimError: the net cannot be read or built, or a ``--source`` flag names no data layer of it.
+    """
+    if not sources:
+        return path
+    from slim.graph import build_graph
+    from slim.io import read_net
+    from slim.sources import override_sources
+
+    net = override_sources(read_net(path, allow_unknown_fields=allow_unknown_fields), sources, where=path)
+    return build_graph(net, phase, level=level, stages=stages, source=path)

@@ -1,6 +1,6 @@
 """``slim pipeline``: sparse training, pruning and fine-tuning chained (multi-pass with --passes)."""
 
-from slim.commands._args import DEVICE_HELP, resolve_device
+from slim.commands._args import DEVICE_HELP, add_source, resolve_device
 
 
 def register(sub):
@@ -17,6 +17,7 @@ def register(sub):
                    help="at most this fraction of any layer per pass (the paper's multi-pass used 0.5)")
     p.add_argument("--absorb-bias", action="store_true", help="fold removed channels' constants into next biases")
     p.add_argument("--device", "--gpu", dest="device", help=f"where to train: {DEVICE_HELP} (default cpu)")
+    add_source(p)
     p.set_defaults(func=run)
 
 
@@ -32,6 +33,6 @@ def run(args) -> int:
     report = run_pipeline(args.solver, args.finetune_solver, args.percent, passes=args.passes, out_dir=args.out,
                           weights=args.weights, absorb_bias=args.absorb_bias,
                           policy_kwargs={"criterion": args.criterion, "max_prune": args.max_prune_per_layer},
-                          device=resolve_device(args.device))
+                          device=resolve_device(args.device), sources=args.source)
     print(json.dumps(report["passes"], indent=2))
     return 0

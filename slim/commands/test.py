@@ -2,7 +2,7 @@
 
 import logging
 
-from slim.commands._args import DEVICE_HELP, add_model, resolve_device
+from slim.commands._args import DEVICE_HELP, add_model, add_source, net_with_sources, resolve_device
 from slim.errors import SlimError
 
 
@@ -17,6 +17,7 @@ def register(sub):
     p.add_argument("--level", type=int, default=0, help="NetState level")
     p.add_argument("--amp", choices=["bf16", "fp16"], help="run the forward passes under autocast")
     p.add_argument("--allow-unknown-fields", action="store_true", help="skip unknown prototxt fields with a warning")
+    add_source(p)
     p.set_defaults(func=run)
 
 
@@ -37,7 +38,9 @@ def run(args) -> int:
         log.info("Using %s", args.threads_choice)
     device = resolve_device(args.device)
     stages = [s.strip() for entry in args.stage for s in entry.split(",") if s.strip()]
-    net = Net(args.model, phase=args.phase, level=args.level, stages=stages, device=device,
+    model = net_with_sources(args.model, args.source, phase=args.phase, level=args.level, stages=stages,
+                             allow_unknown_fields=args.allow_unknown_fields)
+    net = Net(model, phase=args.phase, level=args.level, stages=stages, device=device,
               allow_unknown_fields=args.allow_unknown_fields)
     for w in weights:
         net.load_weights(w)

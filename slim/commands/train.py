@@ -3,6 +3,7 @@
 import logging
 import os
 
+from slim.commands._args import add_source
 from slim.errors import SolverError
 
 
@@ -30,6 +31,7 @@ def register(sub):
                    help="NetState stage of the train net (repeatable, or comma-separated)")
     p.add_argument("--level", type=int, default=0, help="NetState level of the train net")
     p.add_argument("--quiet", action="store_true", help="log warnings only, no progress bar")
+    add_source(p)
     p.set_defaults(func=run)
 
 
@@ -61,7 +63,7 @@ def run(args) -> int:
     config = TrainConfig(args.solver, weights=weights, snapshot=args.snapshot, gpus=parse_gpus(args.gpus),
                          procs=args.procs, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
                          sigint_effect=args.sigint_effect, sighup_effect=args.sighup_effect, stages=stages,
-                         level=args.level, log_level=logging.WARNING if args.quiet else logging.INFO,
-                         progress=not args.quiet)
+                         level=args.level, sources=args.source,
+                         log_level=logging.WARNING if args.quiet else logging.INFO, progress=not args.quiet)
     train(config, progress=progress)
     return 0

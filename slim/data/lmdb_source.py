@@ -11,6 +11,8 @@ shape; a malformed record later on is reported with its key. LEVELDB, Caffe's de
 convert the database to LMDB. Needs the ``lmdb`` package (``pip install slim[lmdb]``).
 """
 
+import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,11 @@ from slim.data.source import optional_module
 from slim.errors import DataError
 
 __all__ = ["LmdbSamples", "open_lmdb"]
+
+# py-lmdb refuses to open one environment twice in a process ("is already open in this process"), yet a train net
+# and its test net, or a pipeline's solver and the pruner after it, may read the same database at once: readers
+# share the open environment of a path (by its real path) for as long as one of them holds it.
+_OPEN_ENVS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 
 
 def _lmdb(where: str):
@@ -55,8 +62,11 @@ class LmdbSamples:
                             "with Caffe's convert_imageset -backend lmdb, or fix the path.")
         self.source, self.color, self.where = source, color, where
         try:
-            self._env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=path.is_dir(),
-                                  max_readers=512)
+            self._env = _OPEN_ENVS.get(os.path.realpath(path))
+            if self._env is None:
+                self._env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, subdir=path.is_dir(),
+                                      max_readers=512)
+                _OPEN_ENVS[os.path.realpath(path)] = self._env
             self._txn = self._env.begin(buffers=False)
             cursor = self._txn.cursor()
             if list_keys:

@@ -53,6 +53,7 @@ class TrainConfig:
         hooks: slim.solver.Hook objects (picklable when processes are spawned).
         stages: NetState stages added to the train net's state (``caffe train --stage``).
         level: the train net's NetState level (``caffe train --level``).
+        sources: ``--source LAYER[@PHASE]=PATH`` overrides of the nets' data sources (slim.sources).
         log_level: the root process's logging level.
         progress: draw a progress bar when stdout is a terminal.
     """
@@ -70,13 +71,25 @@ class TrainConfig:
     hooks: Sequence = ()
     stages: Sequence[str] = ()
     level: int = 0
+    sources: Sequence[str] = ()
     log_level: int = logging.INFO
     progress: bool = True
 
 
+def _read_solver(config: TrainConfig) -> "pb.SolverParameter":
+    """The solver, with its nets' data sources overridden by ``--source`` (then inline: slim.sources)."""
+    from slim.io import read_solver
+
+    param = read_solver(config.solver)
+    if config.sources:
+        from slim.sources import override_solver_sources
+
+        param = override_solver_sources(param, config.solver, config.sources)
+    return param
+
+
 def _check(config: TrainConfig) -> None:
     """Flag combinations and the solver's own checks that need no net, before any process starts."""
-    from slim.io import read_solver
     from slim.solver.lr import LrSchedule
     from slim.solver.nets import solver_nets
     from slim.solver.rules import RULES
@@ -96,7 +109,7 @@ def _check(config: TrainConfig) -> None:
                           "starts the processes. Drop --procs, or run without torchrun.")
     if not os.path.exists(config.solver):
         raise SolverError(f"--solver {config.solver} does not exist. Give the path of a solver prototxt.")
-    param = read_solver(config.solver)
+    param = _read_solver(config)
     LrSchedule(param, config.solver)
     if param.type not in RULES:
         raise SolverError(f"{config.solver}: solver type \"{param.type}\" is unknown; the known types are "
@@ -135,11 +148,9 @@ def _gpu_ids(config: TrainConfig) -> Optional[list[int]]:
 def _solve(config: TrainConfig, dist: Distributed, progress) -> bool:
     from slim.solver.solver import Solver
 
-    from slim.io import read_solver
-
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    param = read_solver(config.solver)
+    param = _read_solver(config)
     # caffe train: --level and --stage go into the train net's state.
     if config.level:
         param.train_state.level = config.level
