@@ -21,6 +21,7 @@ from slim.interop.onnx_import import check_imported  # noqa: E402
 from slim.interop.runtime import run_onnxruntime  # noqa: E402
 from slim.net import Net  # noqa: E402
 from slim.prune import PrunePolicy, prune_net, write_pruned  # noqa: E402
+import torch_models  # noqa: E402
 from torch_models import MODELS  # noqa: E402
 
 onnxscript_available = importlib.util.find_spec("onnxscript") is not None
@@ -52,9 +53,11 @@ def count_batchnorm(model):
     return sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 
 
-# The dynamo exporter takes ~20 s a model on this CPU: one architecture covers the graphs it writes.
+# The dynamo exporter takes ~20 s a model on this CPU: ResNet covers the graphs it writes, MobileNet-v3 the
+# HardSwish, HardSigmoid and squeeze-and-excitation products it writes in its own way.
 @pytest.mark.parametrize("name,exporter", [("vgg", "legacy"), ("resnet", "legacy"), ("mobilenet", "legacy"),
-                                           ("resnet", "dynamo")])
+                                           ("mobilenetv3", "legacy"), ("se", "legacy"), ("resnet", "dynamo"),
+                                           ("mobilenetv3", "dynamo")])
 def test_round_trip(tmp_path, name, exporter):
     if exporter == "dynamo" and not onnxscript_available:
         pytest.skip("torch's dynamo exporter needs onnxscript")
@@ -63,7 +66,8 @@ def test_round_trip(tmp_path, name, exporter):
 
     imported = import_onnx(path)
     types = [layer.type for layer in imported.net.layer]
-    assert types.count("BatchNorm") == types.count("Scale") == count_batchnorm(model)
+    scales = sum(lp.type == "Scale" and len(lp.bottom) == 1 for lp in imported.net.layer)  # not SE's x * weights
+    assert types.count("BatchNorm") == scales == count_batchnorm(model)
     # Layers are named after the torch modules that wrote them (what a user reads in the prune report).
     convs = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
     assert {lp.name for lp in imported.net.layer if lp.type == "Convolution"} == convs
@@ -112,6 +116,27 @@ def test_slimming_finds_the_imported_batchnorm_scales(tmp_path):
     assert len(factors) == count_batchnorm(MODELS["mobilenet"]())
     pruned = prune_net(imported.net, imported.blobs, PrunePolicy(percent=0.2))   # criterion: slimming (|gamma|)
     assert pruned.report.removed > 0
+
+
+@pytest.mark.parametrize("name", ["se", "mobilenetv3"])
+def test_hardswish_and_squeeze_excitation_prune_by_slimming(tmp_path, name):
+    # MobileNet-v3's pattern: x * hardsigmoid(x) and x * gate(fc2(...)) import as products (Eltwise PROD, Scale by a
+    # second bottom). A removed channel's gate is 0.5, not 0, but the product is 0 again: the padded convolutions
+    # after them need not pin it, and the pruned net equals the masked original.
+    model = MODELS[name]()
+    imported = import_onnx(torch_export(model, tmp_path / f"{name}.onnx"))
+    proto, weights = write_imported(imported, tmp_path / name)
+    pruned = prune_net(proto, weights, PrunePolicy(percent=0.3))
+    assert pruned.report.removed > 0
+    for group in pruned.analysis.groups:
+        assert not any("would not be exact" in why for why in group.pinned.values()), str(group)
+    after = {c.name: c.after for c in pruned.report.layers}
+    ses = [n for n, m in model.named_modules() if isinstance(m, torch_models.SqueezeExcitation)]
+    assert ses and any(f"{se}.fc2" in after for se in ses)    # the SE weights lose the channels of their map
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    want = forward(pruned.analysis.graph.net, pruned.masked_original(), x)
+    got = forward(pruned.net, pruned.blobs, x)
+    assert float((want - got).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
 
 
 def test_the_commands_as_the_readme_runs_them(tmp_path, capsys):

@@ -741,6 +741,28 @@ def test_elementwise_declares_whether_zero_stays_zero(type_name, text, phase):
     assert layer.channel_role().zero_preserving == bool((zero == 0).all()), (type_name, text, zero)
 
 
+PRODUCT_PROBES = [("Eltwise", "eltwise_param { operation: PROD }", [(2, 3, 4, 4), (2, 3, 4, 4)], True),
+                  ("Eltwise", "eltwise_param { operation: SUM }", [(2, 3, 4, 4), (2, 3, 4, 4)], False),
+                  ("Eltwise", "eltwise_param { operation: MAX }", [(2, 3, 4, 4), (2, 3, 4, 4)], False),
+                  ("Scale", "scale_param { axis: 0 }", [(2, 3, 4, 4), (2, 3)], True),   # squeeze-and-excitation
+                  ("Bias", "bias_param { axis: 0 }", [(2, 3, 4, 4), (2, 3)], False)]
+
+
+@pytest.mark.parametrize("type_name,text,shapes,product", PRODUCT_PROBES,
+                         ids=[f"{t}-{i}" for i, (t, *_) in enumerate(PRODUCT_PROBES)])
+def test_ties_declare_whether_a_zero_in_one_bottom_zeroes_the_channel(type_name, text, shapes, product):
+    # The pruner reads ``product`` to know that x * gate with gate(0) = 0.5 (HardSwish, squeeze-and-excitation)
+    # still silences a channel zeroed in x: the declaration must agree with the forward, for either bottom zeroed.
+    layer = make_layer(type_name, text, nb=len(shapes), shapes=shapes)
+    role = layer.channel_role()
+    assert role.kind == "ties" and role.product == product
+    for zeroed in range(len(shapes)):
+        bottoms = [torch.rand(s) + 0.5 for s in shapes]
+        bottoms[zeroed][:, 1] = 0
+        y = layer.forward([], bottoms)[0]
+        assert bool((y[:, 1] == 0).all()) == product and bool((y[:, [0, 2]] != 0).all())
+
+
 def test_bnll_is_stable_for_large_inputs():
     x = np.array([-200.0, -60.0, -1.0, 0.0, 1.0, 60.0, 200.0])
     _, (y,), _ = run("BNLL", "", [x])

@@ -147,7 +147,52 @@ layer { name: "sig1" type: "Sigmoid" bottom: "conv1" top: "conv1" }
 layer { name: "sig2" type: "Sigmoid" bottom: "conv2" top: "conv2" }
 """ + conv("conv3", "conv2", 4, bias=True) + ip("fc", "conv3", 3)
 
-CASES = {"residual": RESIDUAL, "concat_slice": CONCAT_SLICE, "grouped": GROUPED, "shortcut_a": SHORTCUT_A}
+
+
+def hard_sigmoid(name, x):
+    """ONNX's HardSigmoid as slim imports it: Power (x / 6 + 0.5), then Clip(0, 1); f(0) = 0.5."""
+    return (f'layer {{ name: "{name}/affine" type: "Power" bottom: "{x}" top: "{name}/affine" '
+            f'power_param {{ scale: 0.16666667 shift: 0.5 }} }}\n'
+            f'layer {{ name: "{name}/clip" type: "Clip" bottom: "{name}/affine" top: "{name}/affine" '
+            f'clip_param {{ min: 0 max: 1 }} }}\n')
+
+
+def hard_swish(name, x):
+    """x * hardsigmoid(x): f(0) = 0, through a gate that is 0.5 on a silenced channel."""
+    return hard_sigmoid(name, x) + (f'layer {{ name: "{name}" type: "Eltwise" bottom: "{x}" bottom: "{name}/affine" '
+                                    f'top: "{name}" eltwise_param {{ operation: PROD }} }}\n')
+
+
+def squeeze_excite(name, x, c, gate="Sigmoid"):
+    """x * gate(fc2(relu(fc1(avgpool(x))))) as slim imports it: the (N, C, 1, 1) weights flattened to (N, C) and
+    multiplied in by a Scale with a second bottom (axis 0)."""
+    text = (f'layer {{ name: "{name}/pool" type: "Pooling" bottom: "{x}" top: "{name}/pool" '
+            f'pooling_param {{ pool: AVE global_pooling: true }} }}\n'
+            + conv(f"{name}/fc1", f"{name}/pool", max(c // 2, 4), k=1, bias=True) + relu(f"{name}/relu", f"{name}/fc1")
+            + conv(f"{name}/fc2", f"{name}/fc1", c, k=1, bias=True))
+    if gate == "Sigmoid":
+        text += f'layer {{ name: "{name}/gate" type: "Sigmoid" bottom: "{name}/fc2" top: "{name}/fc2" }}\n'
+        w = f"{name}/fc2"
+    else:
+        text += hard_sigmoid(f"{name}/gate", f"{name}/fc2")
+        w = f"{name}/gate/affine"
+    return text + (f'layer {{ name: "{name}/flatten" type: "Flatten" bottom: "{w}" top: "{name}/w" }}\n'
+                   f'layer {{ name: "{name}" type: "Scale" bottom: "{x}" bottom: "{name}/w" top: "{name}" '
+                   f'scale_param {{ axis: 0 }} }}\n')
+
+
+# MobileNet-v3's pattern: conv-BN-HardSwish, squeeze-and-excitation (sigmoid and hard-sigmoid gates), padded 3x3
+# convolutions after both. A silenced channel is 0 * 0.5 at each product: zero, so the padded readers take it.
+HSWISH_SE = (inp() + conv("c1", "data", 8) + bn_scale("c1", "c1") + hard_swish("c1/hs", "c1")
+             + squeeze_excite("se1", "c1/hs", 8)
+             + conv("c2", "se1", 12, stride=2) + bn_scale("c2", "c2") + hard_swish("c2/hs", "c2")
+             + squeeze_excite("se2", "c2/hs", 12, gate="HardSigmoid")
+             + conv("c3", "se2", 6) + bn_scale("c3", "c3") + hard_swish("c3/hs", "c3") + """
+layer { name: "gap" type: "Pooling" bottom: "c3/hs" top: "gap" pooling_param { pool: AVE global_pooling: true } }
+""" + ip("fc", "gap", 4))
+
+CASES = {"residual": RESIDUAL, "concat_slice": CONCAT_SLICE, "grouped": GROUPED, "shortcut_a": SHORTCUT_A,
+         "hswish_se": HSWISH_SE}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -186,6 +231,35 @@ def test_sigmoid_constant_is_folded_into_the_next_bias():
     assert result.report.folded > 0 and result.report.dropped == 0
     # conv2's channels reach a padded 3x3 convolution through a Sigmoid: pinned, so conv2 keeps all 5.
     assert {c.name: c.after for c in result.report.layers}["conv2"] == 5
+
+
+def test_hardswish_and_squeeze_excitation_products_keep_silenced_channels_zero():
+    # HardSwish's gate and the SE weights of a silenced channel are 0.5, not 0; the products make it 0 again, so
+    # nothing is pinned by the padded convolutions that read them.
+    from slim.prune.constants import channel_constants
+
+    net = parse_net(HSWISH_SE, "hswish_se")
+    result = assert_exact(net, PrunePolicy(min_channels=1, percent=0.5))
+    for layer in ("c1", "c2", "c3"):
+        assert all(g.prunable == g.size for g in result.analysis.group_of_layer(layer)), layer
+    after = {c.name: c.after for c in result.report.layers}
+    assert after["c1"] < 8 and after["c2"] < 12 and after["c3"] < 6
+    assert after["se1/fc2"] == after["c1"] and after["se2/fc2"] == after["c2"]
+    # The constants, one value per channel, through the SE Scale whose second bottom is (N, C) against (N, C, H, W).
+    values = channel_constants(result.analysis, result.plan.keep, result.masked_original())
+    gone = ~result.plan.keep[result.analysis.blob_channels["se1"]]
+    np.testing.assert_array_equal(values["c1/hs/affine@1"][gone], 0.5)
+    np.testing.assert_array_equal(values["se1/w"][gone], 0.5)
+    np.testing.assert_array_equal(values["se1"][gone], 0.0)
+    assert np.isnan(values["se1"][~gone]).all()
+
+
+def test_absorb_bias_through_squeeze_excitation_drops_what_the_gate_makes_uneven():
+    # Only gamma zeroed: a removed channel is hardswish(beta), a constant the SE pooling hands to its 1x1 fc1 (folded),
+    # but the SE weights of that channel still depend on the image, so the padded c2 reads a field (dropped).
+    net = parse_net(HSWISH_SE, "hswish_se")
+    result = prune_net(net, random_blobs(net), PrunePolicy(min_channels=1, percent=0.5), absorb_bias=True)
+    assert result.report.folded > 0 and result.report.dropped > 0
 
 
 def test_absorb_bias_folds_beta_through_relu_exactly():

@@ -116,6 +116,9 @@ class ChannelRole:
             pooling without padding; not AVE with padding, whose border averages count the zero padding).
         absorbs_constants: "produces": a constant input channel adds a constant to each output channel, which can be
             folded into a bias (a Convolution without padding, InnerProduct).
+        product: "ties": the top is the product of the bottoms (Eltwise PROD, Scale by a second bottom), so a channel
+            that is zero in any one bottom comes out zero whatever the others hold (HardSwish's x * gate(x) with
+            gate(0) = 0.5, squeeze-and-excitation's x * sigmoid(...)).
     """
 
     kind: str = "barrier"
@@ -129,6 +132,7 @@ class ChannelRole:
     zero_preserving: bool = True
     keeps_constants: bool = True
     absorbs_constants: bool = False
+    product: bool = False
 
 
 class Layer:

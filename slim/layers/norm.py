@@ -168,7 +168,7 @@ class Scale(_AffineBase):
             # Scale(x, y) with y aligned from axis 0, e.g. squeeze-and-excitation's N x C x 1 x 1 weights: x and y
             # share channels.
             if self.axis == 0 and len(self.pshape) >= 2 and not self.blob_shapes:
-                return ChannelRole("ties", pointwise=True)
+                return ChannelRole("ties", pointwise=True, product=True)
             return ChannelRole("barrier")
         # gamma is network slimming's channel scaling factor; zeroing gamma and beta silences the channel.
         return self._affine_role(self.param.scale_param.bias_term, factor=0)

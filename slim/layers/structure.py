@@ -32,7 +32,9 @@ class Eltwise(Layer):
         self.top_shapes = [shape]
 
     def channel_role(self) -> ChannelRole:
-        return ChannelRole("ties", pointwise=True)  # SUM, PROD and MAX all map zeros to zero
+        # SUM, PROD and MAX all map zeros to zero; PROD maps a zero in any one bottom to zero.
+        prod = self.param.eltwise_param.operation == pb.EltwiseParameter.PROD
+        return ChannelRole("ties", pointwise=True, product=prod)
 
     def forward(self, blobs, bottoms):
         ep = self.param.eltwise_param

@@ -9,8 +9,9 @@ there (the group analysis pins such channels when the constant would be non-zero
 
 The constants are found by one forward pass over the graph with one value per channel: NaN where the value
 depends on the input (a kept channel, or a removed one before it was silenced). Element-wise layers run their own
-``forward`` on a 1 x C x 1 x 1 tensor; a Scale whose gamma is 0 outputs beta whatever came in; MAX pooling and AVE
-pooling without padding keep a constant; other layers keep only zeros.
+``forward`` on a 1 x C x 1 x 1 tensor; a Scale whose gamma is 0 outputs beta whatever came in; a product (Eltwise PROD,
+a Scale by a second bottom) with a zero factor is zero whatever the other holds; MAX pooling and AVE pooling without
+padding keep a constant; other layers keep only zeros.
 
 Where the folded amount goes: the reader's bias; for a bias-free reader whose only consumer is a BatchNorm, that
 BatchNorm's running mean (mean - d normalises the same, and training recomputes batch statistics anyway);
@@ -82,6 +83,8 @@ def channel_constants(analysis: ChannelAnalysis, keep: np.ndarray,
             else:
                 zero = np.all([x == 0 for x in ins], axis=0)
                 out = np.where(zero, 0.0, np.nan)
+            if role.product:  # 0 times anything, known or not
+                out[np.any([x == 0 for x in ins], axis=0)] = 0.0
         elif role.kind == "concat" and all(x is not None for x in ins):
             out = np.concatenate(ins)
         elif role.kind == "slice" and ins[0] is not None:
@@ -119,9 +122,10 @@ def _producer_constants(node, role, outputs: np.ndarray, removed: np.ndarray, bl
 
 def _evaluate(node, role, xs: List[np.ndarray], blobs, torch) -> np.ndarray:
     """Run a pointwise layer's forward on one value per channel; NaN where an input was NaN (Scale gamma 0 aside)."""
-    ndim = len(node.bottom_shapes[0])
-    shape = (1, len(xs[0])) + (1,) * (ndim - 2)
-    tensors = [torch.from_numpy(np.nan_to_num(x, nan=0.0)).reshape(shape) for x in xs]
+    # Each bottom keeps its own number of axes: a Scale by a second bottom reads (N, C) weights (a flattened
+    # squeeze-and-excitation) against an (N, C, H, W) map, and the two must line up as they do in the net.
+    tensors = [torch.from_numpy(np.nan_to_num(x, nan=0.0)).reshape((1, len(x)) + (1,) * (len(shape) - 2))
+               for x, shape in zip(xs, node.bottom_shapes)]
     params = [torch.from_numpy(np.array(b, np.float64)) for b in blobs.get(node.name, [])]
     with torch.no_grad():
         y = node.layer.forward(params, tensors)[0].reshape(-1).numpy().astype(np.float64)

@@ -33,7 +33,10 @@ channel is silenced in the "masked original" by zeroing its producing filter, bi
 and beta, and must then be zero wherever a layer reads it. An element-wise layer with f(0) != 0 (Sigmoid, BNLL,
 Exp, a Power with a shift) turns the silenced channel into a constant; that constant can be folded into the
 reader's bias only where every output of the reader sees all of it (a Convolution without padding, InnerProduct)
-and nothing in between reshaped it (AVE pooling with padding); otherwise the channel is pinned.
+and nothing in between reshaped it (AVE pooling with padding); otherwise the channel is pinned. A product (Eltwise
+PROD, a Scale by a second bottom) of a silenced channel is zero again whatever its other factor holds: HardSwish's
+``x * hardsigmoid(x)`` and squeeze-and-excitation's ``x * sigmoid(...)`` gate a silenced channel by 0.5, and
+the padded convolutions after them still read zeros.
 """
 
 from __future__ import annotations
@@ -582,6 +585,11 @@ class _Walker:
         if not role.zero_preserving:
             state = np.maximum(state, _CONSTANT if role.pointwise else _FIELD).astype(np.uint8)
             cause = f"{node.type} {node.name!r}"
+        if role.product:
+            # x * g(x) with g(0) != 0 (HardSwish), x * sigmoid(...) (squeeze-and-excitation): a channel silenced in
+            # one factor is zero again, whatever the other holds.
+            state[np.any([self.state[b] == _ZERO for b, _ in present], axis=0)] = _ZERO
+            cause = cause if state.any() else None
         for t, shape in zip(node.top_ids, node.top_shapes):
             self.set_top(t, shape, first, state)
             if cause:
