@@ -211,7 +211,7 @@ def test_bad_input_is_refused_naming_the_file(tmp_path, capsys):
     with pytest.raises(DataError, match="Pillow cannot write 'xyz' images"):
         convert_imageset(root, good, tmp_path / "db", encode_type="xyz")
     write_list(tmp_path / "ghosts.txt", ["a.png", "b.png"], [0, 1])
-    with pytest.raises(DataError, match="none of the 2 images listed in '.*ghosts.txt' could be read"):
+    with pytest.raises(DataError, match="None of the 2 images listed in '.*ghosts.txt' could be read"):
         convert_imageset(root, tmp_path / "ghosts.txt", tmp_path / "db")
     assert not (tmp_path / "db").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".db")]
     (tmp_path / "db").mkdir()

@@ -47,7 +47,7 @@ from slim.errors import DataError
 
 __all__ = ["convert_imageset", "ImagesetResult"]
 
-_WHERE = "convert_imageset"
+_WHERE = "LISTFILE"  # names the list in messages about its lines
 _JPEG_QUALITY = 95  # OpenCV's default IMWRITE_JPEG_QUALITY, which Caffe's cv::imencode uses
 
 
@@ -129,14 +129,14 @@ def convert_imageset(root_folder, list_file, output, *, gray: bool = False, shuf
                         "resize (Caffe silently ignores one alone), or neither.")
     list_file, output = Path(list_file), Path(output)
     if not list_file.is_file():
-        raise DataError(f"{_WHERE}: the list file '{list_file}' (LISTFILE) does not exist. Give a text file with one "
-                        "'path label' line per image, the paths relative to ROOTFOLDER.")
+        raise DataError(f"The list file '{list_file}' (LISTFILE) does not exist. Give a text file with one 'path "
+                        "label' line per image, the paths relative to ROOTFOLDER.")
     root = Path(root_folder) if str(root_folder) else Path(".")
     if not root.is_dir():
-        raise DataError(f"{_WHERE}: ROOTFOLDER '{root_folder}' is not a folder; give the folder that the paths in "
+        raise DataError(f"ROOTFOLDER '{root_folder}' is not a folder; give the folder that the paths in "
                         f"'{list_file}' are relative to.")
     check_new_database(output)  # before any work (write_lmdb checks again)
-    image_module = optional_module("PIL.Image", where=_WHERE, needed_for="reading images", what="Pillow",
+    image_module = optional_module("PIL.Image", where="Converting images", needed_for="reading images", what="Pillow",
                                    extra="image", pip_name="pillow")
     encode_type = encode_type.lower().lstrip(".")
     if encode_type:
@@ -146,7 +146,7 @@ def convert_imageset(root_folder, list_file, output, *, gray: bool = False, shuf
             encoded = True
     entries = parse_image_list(list_file, where=_WHERE)
     if not entries:
-        raise DataError(f"{_WHERE}: the list file '{list_file}' has no entries; add 'path label' lines.")
+        raise DataError(f"The list file '{list_file}' (LISTFILE) has no entries; add 'path label' lines.")
     if shuffle:
         echo(f"Shuffling data (seed {seed})")
         entries = [entries[i] for i in np.random.default_rng(seed).permutation(len(entries))]
@@ -159,7 +159,7 @@ def convert_imageset(root_folder, list_file, output, *, gray: bool = False, shuf
         first = None
         for index, (number, name, label) in enumerate(entries):
             path = root / name
-            where = f"{_WHERE}: '{list_file}' line {number} ({path})"
+            where = f"'{list_file}' line {number} ({path})"
             try:
                 image = decode_image(path, color=color, where=where)
             except DataError as e:
@@ -189,8 +189,8 @@ def convert_imageset(root_folder, list_file, output, *, gray: bool = False, shuf
                 datum = pb.Datum(channels=c, height=h, width=w, data=image.tobytes(), label=label, encoded=False)
             yield b"%08d_" % index + name.encode("utf-8"), datum.SerializeToString()
         if first is None:
-            raise DataError(f"{_WHERE}: none of the {len(entries)} images listed in '{list_file}' could be read (see "
-                            "the messages above); nothing was written. Check ROOTFOLDER and the paths.")
+            raise DataError(f"None of the {len(entries)} images listed in '{list_file}' could be read (see the "
+                            "messages above); nothing was written. Check ROOTFOLDER and the paths.")
 
     written = write_lmdb(output, records(), map_size=1 << 28, on_commit=lambda n: echo(f"Processed {n} files."))
     if skipped:
