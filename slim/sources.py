@@ -168,13 +168,15 @@ def _unmatched(overrides: Sequence[SourceOverride], used: set, nets: Sequence["p
                         f"{describe_data_layers(nets)}.")
 
 
-def override_sources(net: "pb.NetParameter", specs: Sequence[str], *, where: str = "<net>") -> "pb.NetParameter":
+def override_sources(net: "pb.NetParameter", specs: Sequence[str], *, where: str = "<net>",
+                     strict: bool = True) -> "pb.NetParameter":
     """A copy of ``net`` with the ``--source`` overrides applied (see the module docstring).
 
     Args:
         net: the parsed (upgraded) net.
         specs: the ``--source`` values.
         where: names the net in messages (its file).
+        strict: refuse a flag that names no layer of the net (False skips it: calflop's baseline).
 
     Raises:
         SlimError: a malformed or repeated flag, an unknown or ambiguous layer, a layer that reads no source.
@@ -182,7 +184,9 @@ def override_sources(net: "pb.NetParameter", specs: Sequence[str], *, where: str
     overrides = parse_source_overrides(specs)
     out = pb.NetParameter()
     out.CopyFrom(net)
-    _unmatched(overrides, _apply(out, overrides, _BOTH, where), [net], where)
+    used = _apply(out, overrides, _BOTH, where)
+    if strict:
+        _unmatched(overrides, used, [net], where)
     return out
 
 

@@ -1,12 +1,15 @@
 """The slim command: dispatch, clear errors with exit status 2, and the small subcommands."""
 
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from slim.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTNETS = Path(__file__).resolve().parents[2] / "shared" / "caffe" / "testnets"
 DEMO = str(ROOT / "nets" / "demo_digits.prototxt")
 DEMO_DEPLOY = str(ROOT / "nets" / "demo_digits_deploy.prototxt")
 
@@ -15,6 +18,50 @@ def test_summary(capsys):
     assert main(["summary", DEMO_DEPLOY]) == 0
     out = capsys.readouterr().out
     assert "conv1_1" in out and "1x32x8x8" in out and "learnable params: 140,458" in out
+
+
+def test_summary_of_a_train_test_net_whose_data_is_absent(tmp_path, capsys):
+    # Caffe's examples/mnist/lenet_train_test.prototxt names LMDBs that are not here: the image size is only in them.
+    if not TESTNETS.is_dir():
+        pytest.skip(f"{TESTNETS} (real Caffe files) is absent")
+    net = str(tmp_path / "lenet_train_test.prototxt")
+    shutil.copy(TESTNETS / "examples__mnist__lenet_train_test.prototxt", net)
+    assert main(["summary", net]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "'examples/mnist/mnist_test_lmdb' (data_param.source) does not exist" in err
+    assert "give it with --input-shape data:C,H,W" in err and "--source mnist@TEST=PATH" in err
+    assert main(["summary", net, "--input-shape", "data:1,28,28"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ("slim summary: warning: Layer \"mnist\" (Data): data_param.source 'examples/mnist/mnist_test_lmdb' "
+                   "does not exist here; it stands as an Input layer with top data 1x28x28 per sample "
+                   "(--input-shape).\n")
+    assert "mnist                    Input              - -> data 100x1x28x28, label 100" in out
+    assert "ip2 100x10" in out and "learnable params: 431,080" in out
+    # A size the prototxt states (crop_size) is used without --input-shape, said once.
+    cropped = tmp_path / "cropped.prototxt"
+    cropped.write_text(Path(net).read_text().replace("scale: 0.00390625", "scale: 0.00390625 crop_size: 28"))
+    assert main(["summary", str(cropped), "--phase", "TRAIN"]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "'examples/mnist/mnist_train_lmdb' does not exist here" in err
+    assert "mnist                    Data               - -> data 64x3x28x28, label 64" in out
+    # --source points the layer at a database that is here: its first record gives the shape, and nothing is said.
+    pytest.importorskip("lmdb")
+    from slim.data.lmdb_writer import write_datum_lmdb
+    write_datum_lmdb(tmp_path / "test_lmdb", np.zeros((2, 1, 28, 28), np.uint8), np.zeros(2))
+    assert main(["summary", net, "--source", f"mnist@TEST={tmp_path / 'test_lmdb'}"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "mnist                    Data               - -> data 100x1x28x28, label 100" in out
+
+
+def test_summary_of_slimdata_nets_without_their_datasets(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the zoo's CIFAR nets read data/cifar-10-batches-py, not here
+    assert main(["summary", str(ROOT / "nets" / "vgg19_cifar10.prototxt")]) == 0
+    out, err = capsys.readouterr()
+    assert err == ("slim summary: warning: Layer \"data\" (SlimData): slim_data_param.source "
+                   "'data/cifar-10-batches-py' does not exist here; the shape of its top data, 3x32x32 per sample, is "
+                   "taken from the prototxt, not read from the data.\n")
+    assert "data 100x3x32x32" in out
 
 
 def test_missing_file_is_one_clear_error(capsys):

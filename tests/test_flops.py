@@ -507,3 +507,30 @@ def test_tool_script(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["conventions"]["conv"]["macs"] == TINY_MACS["conv"] + TINY_MACS["deconv"]
+
+
+def test_cli_nets_whose_data_is_absent(tmp_path):
+    # A train/val net and its pruned twin read an LMDB that is not here: the size is only in the database, so
+    # --input-shape gives it (to both nets, timed too); one warning line per layer says so.
+    def net(widths):
+        return ("name: \"n\"\nlayer { name: \"d\" type: \"Data\" top: \"data\" top: \"label\"\n"
+                "  data_param { source: \"absent/val_lmdb\" batch_size: 2 backend: LMDB } }\n"
+                + _conv("conv1", "data", widths[0]) + _conv("conv2", "conv1", widths[1])
+                + 'layer { name: "ip" type: "InnerProduct" bottom: "conv2" top: "ip" inner_product_param { '
+                'num_output: 10 } }\nlayer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" '
+                'top: "loss" }\n')
+
+    base, pruned = _write(tmp_path, "base.prototxt", net((8, 4))), _write(tmp_path, "pruned.prototxt", net((4, 4)))
+    code, out, err = _run(["calflop", pruned, "--baseline", base])
+    assert code == 2 and out == "" and "Traceback" not in err and err.count("\n") == 1
+    assert "'absent/val_lmdb' (data_param.source) does not exist" in err and "--input-shape data:C,H,W" in err
+    code, out, err = _run(["calflop", pruned, "--baseline", base, "--input-shape", "data:3,6,6", "--json"])
+    assert code == 0, err
+    assert err == ("slim calflop: warning: Layer \"d\" (Data): data_param.source 'absent/val_lmdb' does not exist "
+                   "here; it stands as an Input layer with top data 3x6x6 per sample (--input-shape).\n")
+    report = json.loads(out)
+    assert report["conventions"]["conv"]["macs"] == 36 * (4 * 27 + 4 * 4 * 9)
+    assert report["baseline"]["conventions"]["conv"]["macs"] == 36 * (8 * 27 + 4 * 8 * 9)
+    code, out, err = _run(["calflop", pruned, "--baseline", base, "--input-shape", "data:3,6,6", "--measure",
+                           "--device", "cpu", "--warmup", "0", "--repeats", "1", "--phase", "TRAIN"])
+    assert code == 0 and "Measured speed-up" in out and err.count("\n") == 1, err

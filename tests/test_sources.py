@@ -73,8 +73,8 @@ def test_unknown_or_sourceless_layers_list_the_data_layers():
                "(MemoryData, TRAIN and TEST, no source)")
     with pytest.raises(SlimError) as e:
         override_sources(net, ["minst=db"], where="lenet.prototxt")
-    assert str(e.value) == f"lenet.prototxt: --source minst=db: there is no layer named 'minst'. The data layers are: " \
-                           f"{listing}."
+    assert str(e.value) == ("lenet.prototxt: --source minst=db: there is no layer named 'minst'. The data layers "
+                            f"are: {listing}.")
     with pytest.raises(SlimError, match="--source extra@TEST=x: there is no layer named 'extra' in phase TEST"):
         override_sources(net, ["extra@TEST=x"])
     for flag, what in (("mem=x", "a MemoryData layer"), ("ip=x", "an InnerProduct layer"),

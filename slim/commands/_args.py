@@ -8,7 +8,8 @@ vocabulary, unknown flags with a suggestion, and help text fit for a terminal.
 * Devices: ``cpu``, ``cuda`` or ``gpu`` (the first GPU), ``cuda:N``, ``gpu:N`` or ``N`` (GPU N), parsed by
   ``resolve_device``, which refuses a GPU on a torch without CUDA in one sentence.
 * Data: commands that read a net's data take ``--source LAYER=PATH`` (``add_source``, slim.sources), applied to the
-  parsed net by ``net_with_sources``.
+  parsed net by ``net_with_sources``; those that only need its shapes also take ``--input-shape TOP:C,H,W``
+  (``add_input_shape``, slim.offline) and say in one warning line each data layer whose data is absent (``warn``).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
+import sys
 from typing import List, Optional
 
 from slim.errors import SlimError
 
 __all__ = ["caffe_spelling", "unknown_flags", "terminal_text", "add_model", "merge_model", "resolve_device",
-           "add_source", "net_with_sources", "DEVICE_HELP"]
+           "add_source", "net_with_sources", "add_input_shape", "warn", "DEVICE_HELP"]
 
 DEVICE_HELP = "cpu, cuda (or gpu: the first GPU), cuda:N, gpu:N or N"
 
@@ -136,3 +138,17 @@ def net_with_sources(path: str, sources: List[str], *, phase: str, level: int = 
 
     net = override_sources(read_net(path, allow_unknown_fields=allow_unknown_fields), sources, where=path)
     return build_graph(net, phase, level=level, stages=stages, source=path)
+
+
+def add_input_shape(parser: argparse.ArgumentParser) -> None:
+    """``--input-shape TOP:C,H,W`` (repeatable): a data top's per-sample shape, for data not on this machine."""
+    parser.add_argument("--input-shape", action="append", default=[], metavar="TOP:C,H,W",
+                        help="per-sample shape of data top TOP (e.g. data:3,224,224), used instead of reading the "
+                             "data layer's data (needed where its data is absent and the prototxt does not state the "
+                             "image size; repeatable)")
+
+
+def warn(command: str, notes) -> None:
+    """Print each note once, as one line ``slim COMMAND: warning: ...`` on stderr."""
+    for note in dict.fromkeys(str(n) for n in notes):
+        print(f"slim {command}: warning: {note}", file=sys.stderr)

@@ -1,12 +1,14 @@
 """``slim calflop NET``: MACs (three conventions), FLOPs, parameters and activation memory per layer and in total;
 against ``--baseline`` the reductions and the theoretical speed-up; with ``--measure`` the forward latency of both
-and the measured speed-up. The conventions are stated in slim.flops and in the output."""
+and the measured speed-up. The conventions are stated in slim.flops and in the output. The nets' data need not be on
+this machine (slim.offline): ``--input-shape`` and ``--source`` apply to the net and, where they fit, the baseline."""
 
 import json
 
-from slim.commands._args import DEVICE_HELP, add_model, resolve_device
+from slim.commands._args import DEVICE_HELP, add_input_shape, add_model, add_source, resolve_device, warn
 from slim.errors import SlimError
 from slim.flops import calflop, compare, format_text, measure_latencies, measure_latency, to_csv, to_json
+from slim.offline import build_offline
 
 
 def register(sub):
@@ -28,6 +30,8 @@ def register(sub):
     fmt.add_argument("--csv", action="store_true", help="print CSV (per-layer rows, then totals rows)")
     p.add_argument("--allow-unknown-fields", action="store_true",
                    help="skip fields this Caffe schema does not know (fork-only fields) with a warning")
+    add_input_shape(p)
+    add_source(p)
     p.set_defaults(func=run)
 
 
@@ -38,10 +42,22 @@ def run(args) -> int:
         if given:
             raise SlimError(f"{', '.join(given)} only apply to timing; add --measure or remove "
                             f"{'it' if len(given) == 1 else 'them'}.")
-    report = calflop(args.model, phase=args.phase, allow_unknown_fields=args.allow_unknown_fields)
-    baseline = None
-    if args.baseline:
-        baseline = calflop(args.baseline, phase=args.phase, allow_unknown_fields=args.allow_unknown_fields)
+    notes = []
+
+    def graph(path, phase, strict=True):  # built where its data may be absent (slim.offline); notes said below
+        built, said = build_offline(path, phase, input_shapes=args.input_shape, sources=args.source,
+                                    allow_unknown_fields=args.allow_unknown_fields, strict=strict)
+        notes.extend(said)
+        return built
+
+    net = graph(args.model, args.phase)
+    base = graph(args.baseline, args.phase, strict=False) if args.baseline else None
+    timed = [net, base]
+    if args.measure and args.phase != "TEST":  # --measure times the deploy net of the TEST phase
+        timed = [graph(args.model, "TEST"), graph(args.baseline, "TEST", strict=False) if args.baseline else None]
+    warn("calflop", notes)
+    report = calflop(net)
+    baseline = calflop(base) if base is not None else None
     latency = baseline_latency = None
     if args.measure:
         # Both nets run at the same batch size, so their medians compare like for like.
@@ -51,10 +67,9 @@ def run(args) -> int:
                       allow_unknown_fields=args.allow_unknown_fields)
         if args.baseline:
             # Interleaved runs, so drift on a shared machine does not skew the measured speed-up.
-            latency, baseline_latency = measure_latencies([args.model, args.baseline], weights=[args.weights, None],
-                                                          **timing)
+            latency, baseline_latency = measure_latencies(timed, weights=[args.weights, None], **timing)
         else:
-            latency = measure_latency(args.model, weights=args.weights, **timing)
+            latency = measure_latency(timed[0], weights=args.weights, **timing)
     comparison = None
     if baseline is not None:
         comparison = compare(report, baseline, latency=latency, baseline_latency=baseline_latency)

@@ -28,8 +28,8 @@ from slim.data.source import DEFAULT_SEED, ArraySamples, BatchSource, MemoryData
 from slim.data.transform import TransformSpec, build_transform, transform_output_shape
 from slim.errors import DataError
 
-__all__ = ["open_source", "infer_top_shapes", "sample_shape", "BatchSource", "MemoryDataSource", "Samples",
-           "ArraySamples", "TransformSpec", "DATA_LAYER_TYPES", "DEFAULT_SEED"]
+__all__ = ["open_source", "infer_top_shapes", "sample_shape", "layer_batch_size", "BatchSource", "MemoryDataSource",
+           "Samples", "ArraySamples", "TransformSpec", "DATA_LAYER_TYPES", "DEFAULT_SEED"]
 
 DATA_LAYER_TYPES = ("SlimData", "Data", "ImageData", "MemoryData")
 
@@ -162,16 +162,25 @@ def sample_shape(layer: pb.LayerParameter) -> tuple[int, int, int]:
     return transform_output_shape(transform, raw, where=_where(layer))
 
 
+def layer_batch_size(layer: pb.LayerParameter) -> int:
+    """The batch size of a data layer (per process), from its parameter message.
+
+    Raises:
+        DataError: the layer is not a data layer, or its batch_size is not set.
+    """
+    _check_type(layer)
+    param_name = {"SlimData": "slim_data_param", "Data": "data_param", "ImageData": "image_data_param",
+                  "MemoryData": "memory_data_param"}[layer.type]
+    return _batch_size(layer, param_name)
+
+
 def infer_top_shapes(layer: pb.LayerParameter) -> list[tuple[int, ...]]:
     """The top shapes [(N, C, H, W), (N,)] of a data layer: the batch size and ``sample_shape``.
 
     Raises:
         DataError: the layer is not a data layer, lacks a batch size, or ``sample_shape`` fails.
     """
-    _check_type(layer)
-    param_name = {"SlimData": "slim_data_param", "Data": "data_param", "ImageData": "image_data_param",
-                  "MemoryData": "memory_data_param"}[layer.type]
-    batch = _batch_size(layer, param_name)
+    batch = layer_batch_size(layer)
     return [(batch,) + sample_shape(layer), (batch,)]
 
 
