@@ -29,7 +29,7 @@ _LAZY = {
 #: The subpackages and modules the README names (``slim.solver.Solver``, ``slim.prune.prune_net``, ...): imported on
 #: first use, so ``import slim`` stays cheap and torch-free.
 _SUBMODULES = ("caffe", "cli", "data", "decompose", "demo", "deploy", "errors", "flops", "graph", "interop", "io",
-               "layers", "net", "pipeline", "proto", "prune", "solver", "threads", "timing", "zoo")
+               "layers", "net", "offline", "pipeline", "proto", "prune", "solver", "sources", "threads", "timing", "zoo")
 
 __all__ = ["__version__", *_LAZY]
 

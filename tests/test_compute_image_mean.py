@@ -98,3 +98,19 @@ def test_bad_input(tmp_path, capsys):
     assert "Traceback" not in err and not (tmp_path / "mean.binaryproto").exists()
     assert main(["compute_image_mean", str(tmp_path / "db"), str(tmp_path / "no" / "mean.binaryproto")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_tool_script(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    images = random_images(2, (1, 2, 2), seed=4)
+    write_datum_lmdb(tmp_path / "db", images, np.zeros(2))
+    script = Path(__file__).resolve().parents[1] / "tools" / "compute_image_mean.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "db"), str(tmp_path / "mean.binaryproto"),
+                           "-backend", "lmdb"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == f"mean_value channel [0]: {images.mean(dtype=np.float64):.6g}"
+    np.testing.assert_array_equal(read_mean_file(str(tmp_path / "mean.binaryproto"), where="test")[0, 0],
+                                  images[:, 0].astype(np.float64).mean(axis=0).astype(np.float32))

@@ -260,3 +260,18 @@ def test_caffe_spellings_on_the_command_line(tmp_path, capsys):
     for _, value in read_db(tmp_path / "db"):
         datum = pb.Datum.FromString(value)
         assert (datum.channels, datum.height, datum.width) == (1, 2, 3)
+
+
+def test_tool_script(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    names, _ = write_images(tmp_path / "root", [(2, 2)] * 2, seed=12)
+    write_list(tmp_path / "list.txt", names, [0, 1])
+    script = Path(__file__).resolve().parents[1] / "tools" / "convert_imageset.py"
+    proc = subprocess.run([sys.executable, str(script), "-gray", str(tmp_path / "root") + "/",
+                           str(tmp_path / "list.txt"), str(tmp_path / "db")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["A total of 2 images.", "Processed 2 files."]
+    assert [pb.Datum.FromString(v).channels for _, v in read_db(tmp_path / "db")] == [1, 1]
