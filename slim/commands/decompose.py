@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from slim.commands._args import add_model
+from slim.commands._calibration import add_calibration_args, calibration_from_args
 from slim.errors import DecomposeError
 
 __all__ = ["register", "run"]
@@ -30,7 +32,7 @@ def _ranks(items, flag: str):
 def register(sub) -> None:
     p = sub.add_parser("decompose", help="split convolutions (3C: spatial and channel decomposition, pruning)",
                        description=__doc__.splitlines()[0])
-    p.add_argument("--model", "-m", required=True, help="net prototxt (train/test or deploy)")
+    add_model(p, "net prototxt (train/test or deploy)")
     p.add_argument("--weights", "-w", help=".caffemodel matching the net")
     p.add_argument("--output", "-o", help="OUT: writes OUT.prototxt, OUT.caffemodel and OUT.json")
     what = p.add_argument_group("what to decompose")
@@ -54,16 +56,7 @@ def register(sub) -> None:
                       help="the data-free SVD factors only (no calibration data; with 3c add --prune-ratio 1)")
     what.add_argument("--linear", action="store_true",
                       help="linear fits even where a ReLU follows (default: ReLU-aware, Zhang et al. 2016)")
-    cal = p.add_argument_group("calibration")
-    cal.add_argument("--calib-images", type=int, default=5000, metavar="N",
-                     help="calibration images read from the net's TRAIN-phase data layer (default 5000, as the paper)")
-    cal.add_argument("--samples-per-image", type=int, default=10, metavar="K",
-                     help="output positions sampled per image at each decomposed layer (default 10)")
-    cal.add_argument("--calib-net", metavar="NET",
-                     help="a train/val prototxt whose TRAIN-phase data layer supplies the images (needed for a deploy "
-                          "net, which has no data layer)")
-    cal.add_argument("--calib-seed", type=int, default=0, help="seed of the image order, transforms and positions")
-    cal.add_argument("--device", default="cpu", help="where the calibration runs: cpu (default), cuda or cuda:N")
+    add_calibration_args(p, "calibration", "each decomposed layer")
     p.add_argument("--report", metavar="PATH", help="where to write the JSON report (default OUT.json)")
     p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"], help="NetState phase analysed")
     p.add_argument("--allow-unknown-fields", action="store_true",
@@ -73,9 +66,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     """Check the flag combination, decompose, write, print the report; 0 on success."""
-    from slim.commands.prune import _device
     from slim.decompose import DecomposePolicy, decompose_net, write_decomposed
-    from slim.prune.calibrate import Calibration
 
     if not args.weights:
         raise DecomposeError("--weights is required: the decomposition factors the trained blobs.")
@@ -87,9 +78,7 @@ def run(args) -> int:
                              layers=tuple(args.layers), prune_ratio=args.prune_ratio, refit=not args.no_refit,
                              relu_aware=not args.linear)
     policy.check()
-    calibration = Calibration(images=args.calib_images, samples_per_image=args.samples_per_image,
-                              seed=args.calib_seed, net=args.calib_net, device=_device(args.device))
-    calibration.check()
+    calibration = calibration_from_args(args)
     result = decompose_net(args.model, args.weights, policy, calibration=calibration, phase=args.phase,
                            allow_unknown_fields=args.allow_unknown_fields)
     paths = write_decomposed(result, args.output, args.report)

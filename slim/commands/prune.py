@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from slim.commands._args import add_model
+from slim.commands._calibration import add_calibration_args, calibration_from_args
 from slim.errors import PruneError
 
 __all__ = ["register", "run", "parse_count"]
@@ -65,18 +66,6 @@ def _layer_widths(items):
     return out
 
 
-def _device(text: str) -> str:
-    """--device cpu|cuda|cuda:N|gpu, checked against this torch build."""
-    import torch
-
-    name = "cuda" + text[3:] if text.startswith("gpu") else text
-    if name != "cpu" and not name.startswith("cuda"):
-        raise PruneError(f"--device takes cpu, cuda or cuda:N; got {text!r}.")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PruneError(f"--device {text}: this torch build sees no CUDA device; calibrate on --device cpu.")
-    return name
-
-
 def register(sub) -> None:
     p = sub.add_parser("prune", help="remove channels: rewrite the prototxt and transplant the weights",
                        description=__doc__.splitlines()[0])
@@ -116,18 +105,7 @@ def register(sub) -> None:
                      help="layers whose output channels are never removed")
     how.add_argument("--absorb-bias", action="store_true",
                      help="fold each removed channel's constant output into the next layer's bias where exact")
-    cal = p.add_argument_group("calibration (--criterion lasso)")
-    cal.add_argument("--calib-images", type=int, default=5000, metavar="N",
-                     help="calibration images read from the net's TRAIN-phase data layer (default 5000, as the paper)")
-    cal.add_argument("--samples-per-image", type=int, default=10, metavar="K",
-                     help="output positions sampled per image at each convolution (default 10)")
-    cal.add_argument("--calib-net", metavar="NET",
-                     help="a train/val prototxt whose TRAIN-phase data layer supplies the images (needed for a deploy "
-                          "net, which has no data layer)")
-    cal.add_argument("--calib-seed", type=int, default=0, help="seed of the image order, transforms and positions")
-    cal.add_argument("--rank-tol", type=float, metavar="T",
-                     help="keep any count in [c', c'(1+T)] as the released code did (0.1); default: exactly c'")
-    cal.add_argument("--device", default="cpu", help="where the calibration runs: cpu (default), cuda or cuda:N")
+    add_calibration_args(p, "calibration (--criterion lasso)", "each convolution", rank_tol=True)
     p.add_argument("--report", metavar="PATH", help="where to write the JSON report (default OUT.json)")
     p.add_argument("--phase", default="TEST", choices=["TRAIN", "TEST"], help="NetState phase analysed")
     p.add_argument("--allow-unknown-fields", action="store_true",
@@ -179,11 +157,7 @@ def run(args) -> int:
         policy.check()
     calibration = None
     if policy is not None and policy.criterion == "lasso":
-        from slim.prune.calibrate import Calibration
-        calibration = Calibration(images=args.calib_images, samples_per_image=args.samples_per_image,
-                                  seed=args.calib_seed, net=args.calib_net, rank_tol=args.rank_tol,
-                                  device=_device(args.device))
-        calibration.check()
+        calibration = calibration_from_args(args)
     result = prune_net(args.model, args.weights, policy, absorb_bias=args.absorb_bias, replay=replay,
                        phase=args.phase, allow_unknown_fields=args.allow_unknown_fields, calibration=calibration)
     paths = write_pruned(result, args.output, args.report)

@@ -30,7 +30,6 @@ Memory: the fits need the samples themselves (the ReLU relaxation is element-wis
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Union
@@ -235,36 +234,16 @@ def decompose_net(net: Union[str, Path, "pb.NetParameter"], weights, policy: Dec
 
 def write_decomposed(result: DecomposeResult, output: Union[str, Path], report: Optional[Union[str, Path]] = None) \
         -> Dict[str, Path]:
-    """Write OUT.prototxt, OUT.caffemodel and the JSON report, all or nothing (each written whole under a temporary
-    name, then all three renamed into place).
+    """Write OUT.prototxt, OUT.caffemodel and the JSON report, all or nothing (slim.prune.core.write_net_files).
 
     Returns:
         "prototxt", "caffemodel", "report" -> the paths written.
     """
-    from slim.io import net_to_text, write_caffemodel
-    from slim.io.atomic import atomic_write
-    from slim.prune.core import output_paths
+    from slim.prune.core import write_net_files
 
-    paths = output_paths(output, report)
-    for path in paths.values():
-        if not path.parent.is_dir():
-            raise DecomposeError(f"Cannot write {path}: the folder {path.parent} does not exist. Create it or choose "
-                                 f"another --output.")
-    temps = {key: path.with_name(f".{path.name}.{os.getpid()}.partial") for key, path in paths.items()}
     r = result.report
-    try:
-        write_caffemodel(temps["caffemodel"], result.net, result.blobs)
-        header = (f"# Decomposed by `slim decompose` ({r.method}) from {r.model} and {r.weights}: "
-                  f"{len(r.layers)} convolution(s) split, conv+FC MACs per image {r.macs_before:,.0f} -> "
-                  f"{r.macs_after:,.0f} ({r.speedup:.2f}x).\n"
-                  f"# Report: {paths['report'].name}. Comments of the original are not carried over.\n")
-        with atomic_write(temps["prototxt"], "w") as f:
-            f.write(header + net_to_text(result.net, opencv=result.opencv))
-        r.write(temps["report"])
-        for key in ("caffemodel", "prototxt", "report"):
-            os.replace(temps[key], paths[key])
-    finally:
-        for tmp in temps.values():
-            if tmp.exists():
-                tmp.unlink()
-    return paths
+    header = (f"# Decomposed by `slim decompose` ({r.method}) from {r.model} and {r.weights}: "
+              f"{len(r.layers)} convolution(s) split, conv+FC MACs per image {r.macs_before:,.0f} -> "
+              f"{r.macs_after:,.0f} ({r.speedup:.2f}x).\n")
+    return write_net_files(output, report, result.net, result.blobs, header, r.write, opencv=result.opencv,
+                           error=DecomposeError)

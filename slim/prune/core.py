@@ -322,12 +322,21 @@ def _remove_stale_partials(path: Path) -> None:
             pass
 
 
-def write_pruned(result: PruneResult, output: Union[str, Path], report: Optional[Union[str, Path]] = None) \
-        -> Dict[str, Path]:
-    """Write OUT.prototxt, OUT.caffemodel and the JSON report, all or nothing.
+def write_net_files(output: Union[str, Path], report: Optional[Union[str, Path]], net: "pb.NetParameter", blobs,
+                    header: str, write_report, opencv: bool = False, error=PruneError) -> Dict[str, Path]:
+    """Write OUT.prototxt (``header`` + the net), OUT.caffemodel and the JSON report, all or nothing: what
+    ``slim prune`` and ``slim decompose`` write.
 
-    Each file is first written whole under a temporary name beside its destination; only when all three are
-    written are they renamed into place, so a failure leaves no partial output (and no old file half-replaced).
+    Each file is first written whole under a temporary name beside its destination (``.NAME.PID.partial``; those a
+    killed run left behind are removed first); only when all three are written are they renamed into place, so a
+    failure leaves no partial output (and no old file half-replaced).
+
+    Args:
+        blobs: what write_caffemodel takes (PrunedBlobs are streamed).
+        header: comment lines for the top of the prototxt; the report's file name is added.
+        write_report: called with the report's temporary path.
+        opencv: write pooling rounding in OpenCV's ceil_mode spelling, as the original had it (said in the header).
+        error: the SlimError subclass raised for a missing output folder.
 
     Returns:
         "prototxt", "caffemodel", "report" -> the paths written.
@@ -337,24 +346,20 @@ def write_pruned(result: PruneResult, output: Union[str, Path], report: Optional
     paths = output_paths(output, report)
     for path in paths.values():
         if not path.parent.is_dir():
-            raise PruneError(f"Cannot write {path}: the folder {path.parent} does not exist. Create it or choose "
-                             f"another --output.")
+            raise error(f"Cannot write {path}: the folder {path.parent} does not exist. Create it or choose "
+                        f"another --output.")
     for path in paths.values():
         _remove_stale_partials(path)
     temps = {key: path.with_name(f".{path.name}.{os.getpid()}.partial") for key, path in paths.items()}
+    header += f"# Report: {paths['report'].name}. Comments of the original are not carried over.\n"
+    if opencv:
+        header += ("# Pooling rounding in OpenCV's ceil_mode spelling, as in the original (OpenCV reads it, BVLC "
+                   "Caffe does not).\n")
     try:
-        blobs = result.blobs
-        write_caffemodel(temps["caffemodel"], result.net, blobs.streamed() if isinstance(blobs, PrunedBlobs) else blobs)
-        r = result.report
-        header = (f"# Pruned by `slim prune` from {r.model} and {r.weights}: {r.removed} of {r.prunable} prunable "
-                  f"channels removed ({r.fraction:.2%}).\n"
-                  f"# Report: {paths['report'].name}. Comments of the original are not carried over.\n")
-        if result.opencv:
-            header += ("# Pooling rounding in OpenCV's ceil_mode spelling, as in the original (OpenCV reads it, BVLC "
-                       "Caffe does not).\n")
+        write_caffemodel(temps["caffemodel"], net, blobs.streamed() if isinstance(blobs, PrunedBlobs) else blobs)
         with atomic_write(temps["prototxt"], "w") as f:
-            f.write(header + net_to_text(result.net, opencv=result.opencv))
-        result.report.write(temps["report"])
+            f.write(header + net_to_text(net, opencv=opencv))
+        write_report(temps["report"])
         for key in ("caffemodel", "prototxt", "report"):
             os.replace(temps[key], paths[key])
     finally:
@@ -362,3 +367,16 @@ def write_pruned(result: PruneResult, output: Union[str, Path], report: Optional
             if tmp.exists():
                 tmp.unlink()
     return paths
+
+
+def write_pruned(result: PruneResult, output: Union[str, Path], report: Optional[Union[str, Path]] = None) \
+        -> Dict[str, Path]:
+    """Write OUT.prototxt, OUT.caffemodel and the JSON report of a prune, all or nothing (write_net_files).
+
+    Returns:
+        "prototxt", "caffemodel", "report" -> the paths written.
+    """
+    r = result.report
+    header = (f"# Pruned by `slim prune` from {r.model} and {r.weights}: {r.removed} of {r.prunable} prunable "
+              f"channels removed ({r.fraction:.2%}).\n")
+    return write_net_files(output, report, result.net, result.blobs, header, r.write, opencv=result.opencv)
