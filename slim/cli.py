@@ -9,7 +9,9 @@ a description (slim.commands._args).
 
 import argparse
 import importlib
+import os
 import sys
+import warnings
 from typing import Optional
 
 from slim import __version__
@@ -74,6 +76,8 @@ def main(argv=None) -> int:
     if extras:
         (command_parser or parser).error(unknown_flags(command_parser or parser, extras))
     merge_model(args, command_parser or parser)
+    shown = warnings.showwarning
+    warnings.showwarning = _slim_warnings_as_lines(args.command, shown)
     try:
         if args.command in THREADED and not (args.command == "calflop" and not args.measure):
             # Applied before the command imports torch; commands that log (train, test, pipeline, demo) log it.
@@ -89,6 +93,20 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"slim {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = shown
+
+
+def _slim_warnings_as_lines(command: str, default):
+    """A warnings.showwarning that prints slim's own warnings as ``slim COMMAND: warning: ...`` (no source line, as
+    its errors); other libraries' warnings keep Python's form."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not os.path.abspath(filename).startswith(package):
+            return default(message, category, filename, lineno, file, line)
+        print(f"slim {command}: warning: {message}", file=file or sys.stderr)
+    return show
 
 
 if __name__ == "__main__":

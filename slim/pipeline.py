@@ -62,14 +62,17 @@ def _net_path(solver: "pb.SolverParameter", source: str) -> str:
     raise SolverError(f"{source}: the pipeline needs the sparse solver to name its net by path (net: \"...\").")
 
 
-def _write_input_net(net: "pb.NetParameter", net_path: str, sources: Sequence[str], out: Path, echo) -> str:
-    """Writes the net whose data sources ``--source`` overrode as ``out/input_net.prototxt``; returns that path."""
+def _write_input_net(net: "pb.NetParameter", net_path: str, sources: Sequence[str], allow_unknown_fields: bool,
+                     out: Path, echo) -> str:
+    """Writes the net as read (data sources ``--source`` overrode, fields ``--allow-unknown-fields`` skipped) as
+    ``out/input_net.prototxt``; returns that path."""
     from slim.io import write_net
     from slim.io.text import spells_ceil_mode
 
     path = out / "input_net.prototxt"
     write_net(net, path, opencv=spells_ceil_mode(net_path))
-    echo(f"[pipeline] {net_path} with {', '.join('--source ' + s for s in sources)} -> {path}")
+    flags = [f"--source {s}" for s in sources] + (["--allow-unknown-fields"] if allow_unknown_fields else [])
+    echo(f"[pipeline] {net_path} with {', '.join(flags)} -> {path}")
     return str(path)
 
 
@@ -84,8 +87,14 @@ def _train(param, solver_path: str, weights: Optional[str], device, echo):
 
 def run_pipeline(sparse_solver: str, finetune_solver: str, percent: float, *, passes: int = 1,
                  out_dir: str = "pipeline", weights: Optional[str] = None, policy_kwargs: Optional[dict] = None,
-                 absorb_bias: bool = False, device=None, sources: Sequence[str] = (), echo=print) -> dict:
-    """Run the pipeline; return the report (also written to ``out_dir/pipeline_report.json``)."""
+                 absorb_bias: bool = False, device=None, sources: Sequence[str] = (), allow_unknown_fields: bool = False,
+                 echo=print) -> dict:
+    """Run the pipeline; return the report (also written to ``out_dir/pipeline_report.json``).
+
+    With ``sources`` (``--source``) or ``allow_unknown_fields``, the net as read (sources set, unknown fields
+    dropped) is written to ``out_dir/input_net.prototxt`` and trained from there, so every file the pipeline writes
+    runs again as it is.
+    """
     from slim.flops import calflop
     from slim.deploy import make_deploy
     from slim.io import read_net, read_solver, write_solver
@@ -96,18 +105,18 @@ def run_pipeline(sparse_solver: str, finetune_solver: str, percent: float, *, pa
         raise SolverError(f"--passes must be at least 1, found {passes}.")
     policy = PrunePolicy(percent=percent, **(policy_kwargs or {}))
     policy.check()
-    sparse_param = read_solver(sparse_solver)
-    finetune_param = read_solver(finetune_solver)
+    sparse_param = read_solver(sparse_solver, allow_unknown_fields=allow_unknown_fields)
+    finetune_param = read_solver(finetune_solver, allow_unknown_fields=allow_unknown_fields)
     if not sparse_param.sparsity.penalty:
         echo(f"note: {sparse_solver} sets no sparsity penalty; sparse training is then plain training.")
     net_path = given = _net_path(sparse_param, sparse_solver)
-    start = read_net(net_path)
+    start = read_net(net_path, allow_unknown_fields=allow_unknown_fields)
     if sources:
         start = override_sources(start, sources, where=net_path)  # checked before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if sources:
-        net_path = _write_input_net(start, given, sources, out, echo)
+    if sources or allow_unknown_fields:
+        net_path = _write_input_net(start, given, sources, allow_unknown_fields, out, echo)
     base = calflop(make_deploy(start))
     report = {"sparse_solver": sparse_solver, "finetune_solver": finetune_solver, "percent": percent,
               "passes": [], "baseline": {"net": given, "params": base.params, "macs": base.macs("conv+fc")}}

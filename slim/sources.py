@@ -191,7 +191,7 @@ def override_sources(net: "pb.NetParameter", specs: Sequence[str], *, where: str
 
 
 def override_solver_sources(solver: "pb.SolverParameter", solver_path: Optional[str],
-                            specs: Sequence[str]) -> "pb.SolverParameter":
+                            specs: Sequence[str], *, allow_unknown_fields: bool = False) -> "pb.SolverParameter":
     """A copy of ``solver`` whose nets carry the ``--source`` overrides, every net inline (``net`` becomes
     ``net_param``, ``train_net`` ``train_net_param``, the ``test_net`` files ``test_net_param`` entries after the
     inline ones, which keeps Caffe's order of the test nets).
@@ -199,7 +199,8 @@ def override_solver_sources(solver: "pb.SolverParameter", solver_path: Optional[
     Args:
         solver: the solver as read.
         solver_path: the solver file (net paths resolve as the solver resolves them; messages name it).
-        specs: the ``--source`` values.
+        specs: the ``--source`` values (none: the nets are only read and inlined).
+        allow_unknown_fields: read the net files skipping fields slim's schema lacks (``--allow-unknown-fields``).
 
     Raises:
         SlimError: as ``override_sources``, judged over all the solver's nets; SolverError: a net file is missing.
@@ -214,13 +215,15 @@ def override_solver_sources(solver: "pb.SolverParameter", solver_path: Optional[
     nets, used = [], set()
     for field, inline, allowed in (("net", "net_param", _BOTH), ("train_net", "train_net_param", {pb.TRAIN})):
         if out.HasField(field):
-            getattr(out, inline).CopyFrom(read_net(resolve_path(getattr(out, field), solver_path, field)))
+            getattr(out, inline).CopyFrom(read_net(resolve_path(getattr(out, field), solver_path, field),
+                                                   allow_unknown_fields=allow_unknown_fields))
             out.ClearField(field)
         if out.HasField(inline):
             nets.append(getattr(out, inline))
             used |= _apply(nets[-1], overrides, frozenset(allowed), where)
     for path in out.test_net:
-        out.test_net_param.add().CopyFrom(read_net(resolve_path(path, solver_path, "test_net")))
+        out.test_net_param.add().CopyFrom(read_net(resolve_path(path, solver_path, "test_net"),
+                                                   allow_unknown_fields=allow_unknown_fields))
     out.ClearField("test_net")
     for net in out.test_net_param:
         nets.append(net)

@@ -70,6 +70,33 @@ def test_pipeline_two_passes(tmp_path, monkeypatch, capsys, _logging):
     assert len(testing) == 2 * (2 + 3)
 
 
+def test_pipeline_reads_a_caffe_forks_files_with_allow_unknown_fields(tmp_path, monkeypatch, capsys, _logging):
+    # The parse error advises --allow-unknown-fields; slim pipeline takes it, and the net it writes as read (fork
+    # fields dropped) runs again strictly.
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from solver_helpers import tiny_net
+
+    from slim.io import read_net
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.prototxt").write_text(tiny_net().replace('name: "ip"', 'name: "ip" fork_only_param { x: 1 }'))
+    common = ('net: "net.prototxt"\ntest_iter: 1\ntest_interval: 3\nmax_iter: 3\nlr_policy: "fixed"\n'
+              'momentum: 0.9\nrandom_seed: 1\ntest_initialization: false\nfork_solver_field: 2\n')
+    (tmp_path / "sparse.prototxt").write_text(common + "base_lr: 0.1\nsparsity { penalty: 0.01 }\n")
+    (tmp_path / "finetune.prototxt").write_text(common + "base_lr: 0.01\n")
+    argv = ["pipeline", "--solver", "sparse.prototxt", "--finetune-solver", "finetune.prototxt", "--percent", "0.3",
+            "--out", "out"]
+    assert main(argv) == 2
+    assert "--allow-unknown-fields" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert main(argv + ["--allow-unknown-fields"]) == 0
+    report = json.loads((tmp_path / "out" / "pipeline_report.json").read_text())
+    assert report["passes"][0]["params"] < report["baseline"]["params"]
+    for path in (tmp_path / "out" / "input_net.prototxt", report["passes"][0]["files"]["prototxt"]):
+        assert "fork_only_param" not in Path(path).read_text() and read_net(path).layer
+
+
 def test_pipeline_with_source_flags(tmp_path, monkeypatch, capsys, _logging):
     # The net names LMDBs that are not here; --source points the pipeline at local ones, and every file it writes
     # (the input net, the pruned nets, the solvers) then runs again without the flags.

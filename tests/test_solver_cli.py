@@ -191,6 +191,34 @@ def test_source_points_data_layers_elsewhere_without_editing_the_net(tmp_path, c
     assert "Average Forward pass" in capsys.readouterr().out
 
 
+def test_train_reads_a_caffe_forks_files_with_allow_unknown_fields(tmp_path, capsys):
+    # The first hour of a real user: the parse error advised --allow-unknown-fields, which slim train lacked.
+    # Fork-only fields in the solver and in its net: refused with that advice, then trained once the flag is given,
+    # as the same files without those fields train.
+    text = tiny_net().replace('name: "ip"', 'name: "ip" fork_only_param { keep: true }', 1)
+    assert "fork_only_param" in text
+    path = write_solver(tmp_path, text, max_iter=2, snapshot_after_train=True)
+    path.write_text(path.read_text() + "fork_solver_field: 7\n")
+    assert main(["train", "--solver", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert 'no field named "fork_solver_field"' in err and "--allow-unknown-fields" in err, err
+    assert main(["train", "--solver", str(path), "--allow-unknown-fields"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.rstrip().endswith("Optimization Done.")
+    # Each skip is said, as one line in slim's own form (not Python's warning with its source line).
+    assert re.search(r"slim train: warning: .*solver.prototxt: skipped 1 field.*fork_solver_field", captured.err)
+    assert re.search(r"slim train: warning: .*solver_net.prototxt: skipped 1 field.*fork_only_param", captured.err)
+    assert "UnknownFieldWarning" not in captured.err
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    assert main(["train", "--solver", str(write_solver(clean, tiny_net(), max_iter=2, snapshot_after_train=True))]) == 0
+    from slim.io import read_caffemodel
+    forked, plain = (read_caffemodel(folder / "solver_iter_2.caffemodel") for folder in (tmp_path, clean))
+    assert [layer.name for layer in forked.layers] == [layer.name for layer in plain.layers]
+    for a, b in zip(forked.layers, plain.layers):
+        assert all(np.array_equal(x, y) for x, y in zip(a.blobs, b.blobs)), a.name
+
+
 @pytest.mark.parametrize("command", ["train", "test", "time"])
 def test_a_source_flag_for_no_data_layer_is_one_clear_error(tmp_path, capsys, command):
     text, _, test_db = lmdb_tiny_net(tmp_path)

@@ -18,6 +18,9 @@ def register(sub):
     p.add_argument("--absorb-bias", action="store_true", help="fold removed channels' constants into next biases")
     p.add_argument("--device", "--gpu", dest="device", help=f"where to train: {DEVICE_HELP} (default cpu)")
     add_source(p)
+    p.add_argument("--allow-unknown-fields", action="store_true",
+                   help="skip fields this Caffe schema does not know (a Caffe fork's) in the solvers and the net, with "
+                        "a warning; the net as read is written to OUT/input_net.prototxt")
     p.set_defaults(func=run)
 
 
@@ -33,6 +36,7 @@ def run(args) -> int:
     report = run_pipeline(args.solver, args.finetune_solver, args.percent, passes=args.passes, out_dir=args.out,
                           weights=args.weights, absorb_bias=args.absorb_bias,
                           policy_kwargs={"criterion": args.criterion, "max_prune": args.max_prune_per_layer},
-                          device=resolve_device(args.device), sources=args.source)
+                          device=resolve_device(args.device), sources=args.source,
+                          allow_unknown_fields=args.allow_unknown_fields)
     print(json.dumps(report["passes"], indent=2))
     return 0

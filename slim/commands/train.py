@@ -32,6 +32,9 @@ def register(sub):
     p.add_argument("--level", type=int, default=0, help="NetState level of the train net")
     p.add_argument("--quiet", action="store_true", help="log warnings only, no progress bar")
     add_source(p)
+    p.add_argument("--allow-unknown-fields", action="store_true",
+                   help="skip fields this Caffe schema does not know (a Caffe fork's) in the solver and its nets, "
+                        "with a warning")
     p.set_defaults(func=run)
 
 
@@ -63,7 +66,7 @@ def run(args) -> int:
     config = TrainConfig(args.solver, weights=weights, snapshot=args.snapshot, gpus=parse_gpus(args.gpus),
                          procs=args.procs, amp=args.amp, channels_last=args.channels_last, compile=args.compile,
                          sigint_effect=args.sigint_effect, sighup_effect=args.sighup_effect, stages=stages,
-                         level=args.level, sources=args.source,
+                         level=args.level, sources=args.source, allow_unknown_fields=args.allow_unknown_fields,
                          log_level=logging.WARNING if args.quiet else logging.INFO, progress=not args.quiet)
     train(config, progress=progress)
     return 0

@@ -40,9 +40,8 @@ __all__ = ["parse_net", "read_net", "write_net", "net_to_text", "parse_solver", 
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-_FORK_HINT = ("If the file comes from a Caffe fork, skip unknown fields with --allow-unknown-fields "
-              "(allow_unknown_fields=True in Python); slim train and slim pipeline read nets strictly, so remove the "
-              "fields there.")
+_FORK_HINT = ("If the file comes from a Caffe fork, skip unknown fields with --allow-unknown-fields (every command "
+              "that reads prototxt takes it; allow_unknown_fields=True in Python).")
 
 # Messages whose instances a user knows by their `name`: errors inside them say 'layer "conv1"'.
 _LAYER_MESSAGES = ("LayerParameter", "V1LayerParameter", "V0LayerParameter")

@@ -54,6 +54,8 @@ class TrainConfig:
         stages: NetState stages added to the train net's state (``caffe train --stage``).
         level: the train net's NetState level (``caffe train --level``).
         sources: ``--source LAYER[@PHASE]=PATH`` overrides of the nets' data sources (slim.sources).
+        allow_unknown_fields: read the solver and its nets skipping fields slim's schema lacks (a Caffe fork's),
+            with one warning per file; the nets are then handed to the solver inline, as read.
         log_level: the root process's logging level.
         progress: draw a progress bar when stdout is a terminal.
     """
@@ -72,19 +74,22 @@ class TrainConfig:
     stages: Sequence[str] = ()
     level: int = 0
     sources: Sequence[str] = ()
+    allow_unknown_fields: bool = False
     log_level: int = logging.INFO
     progress: bool = True
 
 
 def _read_solver(config: TrainConfig) -> "pb.SolverParameter":
-    """The solver, with its nets' data sources overridden by ``--source`` (then inline: slim.sources)."""
+    """The solver, with its nets' data sources overridden by ``--source`` (then inline: slim.sources); read leniently
+    under ``--allow-unknown-fields``, nets included (then inline too, so nothing reads the files strictly later)."""
     from slim.io import read_solver
 
-    param = read_solver(config.solver)
-    if config.sources:
+    param = read_solver(config.solver, allow_unknown_fields=config.allow_unknown_fields)
+    if config.sources or config.allow_unknown_fields:
         from slim.sources import override_solver_sources
 
-        param = override_solver_sources(param, config.solver, config.sources)
+        param = override_solver_sources(param, config.solver, config.sources,
+                                        allow_unknown_fields=config.allow_unknown_fields)
     return param
 
 
@@ -123,7 +128,7 @@ def _gpu_ids(config: TrainConfig) -> Optional[list[int]]:
     if gpus is None and config.procs is None:
         from slim.io import read_solver
 
-        param = read_solver(config.solver)
+        param = read_solver(config.solver, allow_unknown_fields=config.allow_unknown_fields)
         if param.HasField("solver_mode") and param.solver_mode == pb.SolverParameter.GPU:
             if torch.cuda.is_available():
                 return [int(param.device_id)]
