@@ -250,3 +250,32 @@ layer { name: "up" type: "Deconvolution" bottom: "conv2" top: "up"
     out = capsys.readouterr().out
     assert "lasso keeps conv2's output channels whole: its channels are read by 'up'" in out
     assert "lasso selects fc's inputs but cannot refit it" in out and "raise --calib-images" in out
+
+
+def test_source_points_the_calibration_at_local_data_and_the_written_net_keeps_its_own(tmp_path, capsys,
+                                                                                       monkeypatch):
+    # A net made elsewhere names a training LMDB that is not here (its test LMDB is): --source calibrates on a local
+    # one, the prototxt and the pruned net keep the source they name; the criteria that read no data refuse the flag.
+    from slim.io import read_net, write_caffemodel
+    from tests.solver_helpers import lmdb_tiny_net
+
+    text, train_db, test_db = lmdb_tiny_net(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples" / "digits").mkdir(parents=True)
+    (tmp_path / "examples" / "digits" / "test_lmdb").symlink_to(test_db)
+    (tmp_path / "net.prototxt").write_text(text)
+    net = parse_net(text)
+    write_caffemodel(tmp_path / "w.caffemodel", net, random_blobs(net))
+    argv = ["prune", str(tmp_path / "net.prototxt"), "--weights", str(tmp_path / "w.caffemodel"), "--percent", "0.5",
+            "--output", str(tmp_path / "out")]
+    lasso = ["--criterion", "lasso", "--calib-images", "40", "--samples-per-image", "2"]
+    assert main(argv + lasso) == 2
+    assert "examples/digits/train_lmdb" in capsys.readouterr().err
+    assert main(argv + lasso + ["--source", f"data@TRAIN={train_db}"]) == 0
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["reconstruction"]["calibration"]["sources"] == [f"data@TRAIN={train_db}"]
+    assert [lp.data_param.source for lp in read_net(tmp_path / "out.prototxt").layer if lp.type == "Data"] == \
+        ["examples/digits/train_lmdb", "examples/digits/test_lmdb"]
+    capsys.readouterr()
+    assert main(argv + ["--source", f"data@TRAIN={train_db}"]) == 2
+    assert "--source data@TRAIN=" in capsys.readouterr().err

@@ -12,8 +12,8 @@ __all__ = ["add_calibration_args", "calibration_from_args"]
 
 def add_calibration_args(parser: argparse.ArgumentParser, title: str, sampled_at: str,
                          rank_tol: bool = False) -> None:
-    """Add the calibration group: --calib-images, --samples-per-image, --calib-net, --calib-seed, --device (and
-    --rank-tol, LASSO's only).
+    """Add the calibration group: --calib-images, --samples-per-image, --calib-net, --calib-seed, --device, --source
+    (and --rank-tol, LASSO's only).
 
     Args:
         title: the group's heading in --help.
@@ -33,6 +33,10 @@ def add_calibration_args(parser: argparse.ArgumentParser, title: str, sampled_at
         cal.add_argument("--rank-tol", type=float, metavar="T",
                          help="keep any count in [c', c'(1+T)] as the released code did (0.1); default: exactly c'")
     cal.add_argument("--device", default="cpu", help=f"where the calibration runs: {DEVICE_HELP} (default cpu)")
+    cal.add_argument("--source", action="append", default=[], metavar="LAYER=PATH",
+                     help="read the calibration net's data layer LAYER from PATH instead of the source its prototxt "
+                          "names (repeatable; LAYER@TRAIN=PATH picks the TRAIN one of two layers that share the "
+                          "name); the written net keeps its own source")
 
 
 def calibration_from_args(args: argparse.Namespace):
@@ -41,6 +45,6 @@ def calibration_from_args(args: argparse.Namespace):
 
     calibration = Calibration(images=args.calib_images, samples_per_image=args.samples_per_image,
                               seed=args.calib_seed, net=args.calib_net, rank_tol=getattr(args, "rank_tol", None),
-                              device=str(resolve_device(args.device)))
+                              device=str(resolve_device(args.device)), sources=tuple(args.source))
     calibration.check()
     return calibration

@@ -158,6 +158,9 @@ def run(args) -> int:
     calibration = None
     if policy is not None and policy.criterion == "lasso":
         calibration = calibration_from_args(args)
+    elif args.source:
+        raise PruneError(f"--source {args.source[0]} sets where --criterion lasso reads its calibration images; the "
+                         f"other criteria read no data. Drop --source, or prune with --criterion lasso.")
     result = prune_net(args.model, args.weights, policy, absorb_bias=args.absorb_bias, replay=replay,
                        phase=args.phase, allow_unknown_fields=args.allow_unknown_fields, calibration=calibration)
     paths = write_pruned(result, args.output, args.report)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -52,6 +52,8 @@ class Calibration:
         rank_tol: the released code's tolerance on the kept count (0.1), or None to keep exactly the planned count.
         max_stats_bytes: the largest statistics one reading layer may accumulate (fit and held-out together).
         progress: print a progress line per pass on stderr.
+        sources: ``--source LAYER[@PHASE]=PATH`` overrides of the calibration net's data sources (slim.sources);
+            the written net keeps its own.
     """
 
     images: int = 5000
@@ -64,6 +66,7 @@ class Calibration:
     rank_tol: Optional[float] = None
     max_stats_bytes: float = 4e9
     progress: bool = True
+    sources: Sequence[str] = ()
 
     def check(self) -> None:
         """Raise PruneError for a value out of range (flag names in messages)."""
@@ -152,13 +155,17 @@ class CalibrationSource:
         Raises:
             PruneError: the net has no dataset-backed TRAIN-phase data layer (a deploy net without --calib-net).
         """
+        flag = None
         if calibration.net is not None:
             from slim.io import read_net
             cnet = calibration.net
-            csource = str(cnet) if isinstance(cnet, (str, Path)) else (cnet.name or "the calibration net")
-            cnet = read_net(cnet) if isinstance(cnet, (str, Path)) else cnet
-            return cls._from_net(cnet, csource, calibration, "--calib-net")
-        return cls._from_net(net, source, calibration, None)
+            source = str(cnet) if isinstance(cnet, (str, Path)) else (cnet.name or "the calibration net")
+            net = read_net(cnet) if isinstance(cnet, (str, Path)) else cnet
+            flag = "--calib-net"
+        if calibration.sources:
+            from slim.sources import override_sources
+            net = override_sources(net, calibration.sources, where=source)
+        return cls._from_net(net, source, calibration, flag)
 
     @classmethod
     def _from_net(cls, net, source: str, calibration: Calibration, flag: Optional[str]) -> "CalibrationSource":
