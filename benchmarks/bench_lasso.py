@@ -8,6 +8,9 @@ original and the current net, up to the pass's last layer, over every calibratio
 pass, batch by batch, apart from the sampling, gathering and accumulation: the floor of any method that takes Y
 from the original net and X from the pruned one. Reported: total, statistics, solves, the prefix forwards, and the
 ratio total / prefix forwards (the issue's target: <= 1.5); ``--rerun`` also times the forwards again alone.
+``--latency N`` then times the unpruned and the pruned net's whole forward (batch 1 and ``--latency-batch``, N runs
+each, alternated, medians), the measured speed-up beside the MAC ratio: slim keeps residual-tied channels whole
+(no runtime channel-selection layer, which made the authors' pruned ResNet-50 slower than the unpruned one).
 
 memory mode (--memory N1 N2 ...): each calibration size in its own process on nets/vgg7_fashion.prototxt with its
 own TRAIN data layer (Fashion-MNIST from Debian's dataset-fashion-mnist), peak RSS and wall time per size: the
@@ -15,7 +18,7 @@ statistics are fixed-size sums, so memory must stay flat while time grows with t
 
 Usage:
     python benchmarks/bench_lasso.py --net vgg16 --images 40 [--size 224]
-    python benchmarks/bench_lasso.py --net resnet50 --images 40
+    python benchmarks/bench_lasso.py --net resnet50 --images 40 --latency 7
     python benchmarks/bench_lasso.py --memory 1000 2000 5000
 """
 
@@ -107,7 +110,42 @@ def cost(args) -> dict:
             "refitted": sum(1 for r in rec["layers"] if r["refitted"]), "sliced": sum(1 for r in rec["layers"]
                                                                                        if not r["refitted"]),
             "kept_whole": sorted(rec["pinned"]), "warnings": len(caught),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "mac_ratio": round(result.report.macs_before / result.report.macs_after, 3),
+            "latency": latency(net, blobs, result, args.size, (1, args.latency_batch), args.latency)
+            if args.latency else None, "threads": torch.get_num_threads(),
+            "loadavg": [round(v, 2) for v in os.getloadavg()]}
+
+
+def _load(net_param, blobs):
+    """A slim Net of ``net_param`` holding ``blobs`` (name -> arrays), in eval mode."""
+    net = Net(net_param, seed=0)
+    with torch.no_grad():
+        for name, tensors in net.params.items():
+            for t, a in zip(tensors, blobs[name]):
+                t.copy_(torch.from_numpy(np.asarray(a, np.float32)).reshape(t.shape))
+    return net.eval()
+
+
+def latency(net_param, blobs, result, size: int, batches, repeats: int) -> dict:
+    """Median forward ms of the unpruned and the pruned net per batch size, runs alternated; outputs checked finite."""
+    original, pruned = _load(net_param, blobs), _load(result.net, result.blobs)
+    out = {}
+    with torch.no_grad():
+        for batch in batches:
+            x = torch.randn(batch, 3, size, size)
+            assert all(torch.isfinite(t).all() for t in pruned(x).values())
+            original(x)
+            a, b = [], []
+            for _ in range(repeats):
+                for net, times in ((original, a), (pruned, b)) if len(a) % 2 == 0 else ((pruned, b), (original, a)):
+                    t0 = time.perf_counter()
+                    net(x)
+                    times.append(time.perf_counter() - t0)
+            ms_a, ms_b = float(np.median(a)) * 1e3, float(np.median(b)) * 1e3
+            out[str(batch)] = {"unpruned_ms": round(ms_a, 1), "pruned_ms": round(ms_b, 1),
+                               "speedup": round(ms_a / ms_b, 3)}
+    return out
 
 
 def memory_one(images: int) -> dict:
@@ -135,6 +173,9 @@ def main() -> int:
     p.add_argument("--samples-per-image", type=int, default=10)
     p.add_argument("--memory", type=int, nargs="+", metavar="N", help="memory mode: these calibration sizes")
     p.add_argument("--rerun", action="store_true", help="also time the prefix forwards alone after the run")
+    p.add_argument("--latency", type=int, default=0, metavar="N",
+                   help="also time the unpruned and the pruned net's forward, N alternated runs per batch size")
+    p.add_argument("--latency-batch", type=int, default=8, help="the second batch size timed (default 8)")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--json", help="append the results as JSON lines to this file")
     args = p.parse_args()
