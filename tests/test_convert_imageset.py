@@ -13,6 +13,7 @@ from slim.data import open_source
 from slim.data import lmdb_writer
 from slim.data.imageset import convert_imageset
 from slim.errors import DataError
+from tests.test_convert_mnist import varint  # the protobuf varint of a Datum field, as Caffe writes it
 
 lmdb = pytest.importorskip("lmdb")
 Image = pytest.importorskip("PIL.Image")
@@ -45,15 +46,6 @@ def read_db(path):
         records = [(bytes(k), bytes(v)) for k, v in txn.cursor()]
     env.close()
     return records
-
-
-def varint(value):
-    out = b""
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out += bytes([byte | (0x80 if value else 0)])
-        if not value:
-            return out
 
 
 def caffe_raw_datum(chw, label):
