@@ -135,6 +135,19 @@ def test_a_redundant_channel_is_removed_at_no_cost():
     assert r["error_reconstructed"] < 1e-4, r
 
 
+def test_fewer_samples_than_channels_is_no_redundancy():
+    """A reader that saw fewer samples than it has input channels sees every channel as a combination of the others
+    (rank-deficient statistics): that is the calibration's size, not the net's redundancy, and no channel is removed
+    for it (before, each was removed one at a time, a c x c inversion per channel: hours on VGG-16's fc7)."""
+    text = inp() + conv("conv1", "data", 8, k=8, pad=0, bias=True) + relu("relu1", "conv1") + ip("fc", "conv1", 3)
+    net = parse_net(text)
+    result = prune_net(net, random_blobs(net, seed=3), PrunePolicy(layer_percent={"conv1": 0.5}, criterion="lasso"),
+                       calibration=calibration(text, images=6, samples_per_image=1))
+    chosen = {s["group"]: s for s in result.report.reconstruction["selections"]}
+    assert chosen and all(s["redundant"] == 0 for s in chosen.values()), chosen
+    assert len(result.report.kept["conv1"]) == 4
+
+
 def test_statistics_do_not_grow_with_the_calibration_images():
     net = parse_net(VGG)
     graph = build_graph(net, "TEST")
