@@ -260,7 +260,8 @@ def expand(solution: np.ndarray, kept: np.ndarray, D: int, bias: bool) -> np.nda
 
 def unexplained(A: np.ndarray, count: int, columns: np.ndarray, usable: np.ndarray, channels: np.ndarray) -> np.ndarray:
     """For each of ``channels``, the fraction of its input variance that the other usable channels do not explain
-    linearly: 0 for a channel that is a linear combination of the others (or dead), 1 for one uncorrelated with them.
+    linearly: 0 for a channel that is a linear combination of the others (or dead), 1 for one uncorrelated with them
+    (and for every channel when the statistics hold no more samples than channels: then nothing can be judged).
 
     Each channel is summarised by the sum of its columns (a linear functional, so a channel map that is a linear
     combination of others stays one); on the centred covariance S of these summaries the unexplained fraction of
@@ -274,10 +275,14 @@ def unexplained(A: np.ndarray, count: int, columns: np.ndarray, usable: np.ndarr
     """
     D = len(columns)
     idx = np.nonzero(usable)[0]
+    present = np.unique(columns[idx])
+    if count <= len(present):
+        # Fewer samples than channels: on these samples every channel is a combination of the others, an artefact
+        # of the calibration's size, not a redundancy of the net; nothing is judged explained.
+        return np.ones(len(channels))
     n = max(count, 1)
     mx = A[D, idx] / n
     C = A[np.ix_(idx, idx)] / n - np.outer(mx, mx)
-    present = np.unique(columns[idx])
     S = _channel_sums(_channel_sums(C, columns[idx], present, 0), columns[idx], present, 1)
     diag = np.clip(np.diag(S), 0, None)
     scale = float(diag.mean()) if len(diag) else 0.0

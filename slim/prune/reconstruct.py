@@ -416,11 +416,6 @@ def _redundant(us: List[ReaderUnit], stats: StatsPass, cand: np.ndarray, keep: n
             mine = np.nonzero(np.isin(cand, u.columns) & active[cand])[0]
             if not len(mine):
                 continue
-            if count <= len(np.unique(u.columns[usable])):
-                # Fewer samples than channels: every channel is a combination of the others on these samples, an
-                # artefact of the calibration's size, not a redundancy of the net; this reader vetoes removal.
-                worst[mine] = np.inf
-                continue
             worst[mine] = np.maximum(worst[mine], unexplained(A, count, u.columns, usable, cand[mine]))
         worst[~active[cand]] = np.inf
         best = int(np.argmin(worst))
