@@ -178,6 +178,17 @@ HAND_MODELS = {"vgg19": ("nets/vgg19_cifar10_deploy.prototxt", VGG),
                "densenet40": ("nets/densenet40_cifar10_deploy.prototxt", DenseNet)}
 
 
+def neutral_batchnorm(net):
+    """Set every BatchNorm of a slim Net to mean 0, variance 1 (Caffe's fillers leave the statistics all zero, which
+    divides by sqrt(eps) in every layer); returns the net."""
+    with torch.no_grad():
+        for node in net.graph.layers:
+            if node.type == "BatchNorm":
+                for blob, value in zip(net.params[node.name], (0.0, 1.0, 1.0)):
+                    blob.fill_(value)
+    return net
+
+
 def load_from_net(model: nn.Module, net) -> nn.Module:
     """Copy ``net``'s blobs (a slim.Net of the same architecture) into ``model``, layer by layer in order.
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from slim.net import Net  # noqa: E402
-from _hand_models import HAND_MODELS, load_from_net  # noqa: E402
+from _hand_models import HAND_MODELS, load_from_net, neutral_batchnorm  # noqa: E402
 
 
 class LiveBytes(TorchDispatchMode):
@@ -64,13 +64,7 @@ def build(key, which):
     path, cls = HAND_MODELS[key]
     if which == "hand":
         return cls().eval()
-    net = Net(ROOT / path, seed=0).eval()
-    with torch.no_grad():
-        for node in net.graph.layers:
-            if node.type == "BatchNorm":
-                for blob, value in zip(net.params[node.name], (0.0, 1.0, 1.0)):
-                    blob.fill_(value)
-    return net
+    return neutral_batchnorm(Net(ROOT / path, seed=0).eval())
 
 
 def run(model, x):

@@ -56,7 +56,7 @@ from slim.graph import build_graph  # noqa: E402
 from slim.io import read_net  # noqa: E402
 from slim.net import Net  # noqa: E402
 from slim.prune import PrunePolicy, prune_net  # noqa: E402
-from _hand_models import hand_model, load_from_net  # noqa: E402
+from _hand_models import hand_model, load_from_net, neutral_batchnorm  # noqa: E402
 
 #: key -> (deploy prototxt, --percent, extra PrunePolicy fields, image size)
 NETS = {
@@ -89,13 +89,7 @@ def with_batch(net: "pb.NetParameter", batch: int) -> "pb.NetParameter":
 
 
 def slim_net(net: "pb.NetParameter") -> Net:
-    model = Net(net, seed=0).eval()
-    with torch.no_grad():
-        for node in model.graph.layers:
-            if node.type == "BatchNorm":
-                for blob, value in zip(model.params[node.name], (0.0, 1.0, 1.0)):
-                    blob.fill_(value)
-    return model
+    return neutral_batchnorm(Net(net, seed=0).eval())
 
 
 def _forward(model, x):
