@@ -33,8 +33,8 @@ setup(
         # slim.caffe (pycaffe on slim): HDF5 weights (net.save_hdf5 / load_hdf5) and drawing nets (caffe.draw).
         "hdf5": ["h5py>=3.0"],
         "draw": ["pydot>=1.4"],
-        # scikit-learn: the Gram-form LARS that --criterion lasso selects channels with (lars_path_gram, 1.1+).
-        "lasso": ["scikit-learn>=1.1"],
+        # scipy: the packed triangular solves (BLAS tpsv) of the LARS path that --criterion lasso selects with.
+        "lasso": ["scipy>=1.8"],
         # ONNX export (slim export --onnx; onnxscript for torch's default exporter) and import (slim import), and
         # the ONNX Runtime check of both.
         "onnx": ["onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.2"],

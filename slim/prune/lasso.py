@@ -20,9 +20,9 @@ intercept shared by all outputs). The reconstruction is the least squares over t
 ``W~ = (A_KK + eps I)^-1 B_K``, and the reconstruction error of any weights ``W~`` follows from the same sums:
 ``||Y - X~ W~||^2 = yy - 2 <W~, B> + <W~, A W~>``.
 
-Selection uses scikit-learn's Gram-form LARS (``lars_path_gram``, the ``.[lasso]`` extra): the exact LASSO path,
-whose active set grows or shrinks by one channel at a breakpoint, so the first breakpoint with exactly c' active
-channels gives the asked count without a search over the penalty.
+Selection walks the exact LASSO path by Gram-form LARS (:mod:`slim.prune.lars`, scipy's BLAS bindings from the
+``.[lasso]`` extra), whose active set grows or shrinks by one channel at a breakpoint, so the first breakpoint with
+exactly c' active channels gives the asked count without a search over the penalty, and the path stops there.
 """
 
 from __future__ import annotations
@@ -33,19 +33,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from slim.errors import PruneError
+from slim.prune.lars import lasso_path
 
 __all__ = ["Selection", "channel_gram", "select_channels", "least_squares", "relative_error", "lars_path", "expand",
            "unexplained"]
-
-
-def _sklearn_lars():
-    try:
-        from sklearn.linear_model import lars_path_gram
-    except ImportError:
-        raise PruneError("--criterion lasso selects channels with scikit-learn's LARS solver, which is not installed. "
-                         "Install it with `pip install 'slim[lasso]'` (or `pip install scikit-learn`).") from None
-    return lars_path_gram
 
 
 def _channel_sums(matrix: np.ndarray, columns: np.ndarray, channels: np.ndarray, axis: int) -> np.ndarray:
@@ -63,8 +54,12 @@ def _channel_sums(matrix: np.ndarray, columns: np.ndarray, channels: np.ndarray,
         run_channel = columns[starts]
     else:
         runs, run_channel = np.moveaxis(matrix, axis, 0), columns
-    indicator = (run_channel[None, :] == channels[:, None]).astype(runs.dtype)       # c x runs
-    return np.moveaxis(np.tensordot(indicator, runs, axes=(1, 0)), 0, axis)
+    if np.array_equal(run_channel, channels):
+        summed = runs                                           # one run per channel, in order (an FC reader)
+    else:
+        indicator = (run_channel[None, :] == channels[:, None]).astype(runs.dtype)   # c x runs
+        summed = np.tensordot(indicator, runs, axes=(1, 0))
+    return np.moveaxis(summed, 0, axis)
 
 
 def channel_gram(A: np.ndarray, B: np.ndarray, W: np.ndarray, columns: np.ndarray, count: int,
@@ -100,7 +95,7 @@ class Selection:
 
     Attributes:
         kept: indices into the candidates, sorted.
-        alpha: the LASSO penalty at which they are the active set (scikit-learn's scale: the objective is
+        alpha: the LASSO penalty at which they are the active set (the objective is
             ``1/(2 n_rows) ||y - Z beta||^2 + alpha ||beta||_1``); None when nothing was solved (all kept).
         active: the size of the active set at ``alpha`` (below the asked count when the path ended early and the
             rest was filled by correlation, or above it within --rank-tol).
@@ -114,16 +109,16 @@ class Selection:
     filled: int = 0
 
 
-def lars_path(G: np.ndarray, q: np.ndarray, n_rows: int) -> Tuple[np.ndarray, np.ndarray]:
-    """The LASSO path of a Gram-form problem: (alphas, decreasing; coefs, c x len(alphas))."""
-    lars_path_gram = _sklearn_lars()
+def lars_path(G: np.ndarray, q: np.ndarray, n_rows: int,
+              until: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """The LASSO path of a Gram-form problem: (alphas, decreasing; coefs, c x len(alphas)), up to the first
+    breakpoint with ``until`` active channels when given (see :func:`slim.prune.lars.lasso_path`)."""
     scale = float(np.max(np.abs(np.diag(G)))) if G.size else 0.0
     if not scale > 0 or not np.isfinite(scale):
         return np.zeros(1), np.zeros((len(q), 1))
-    # The path does not depend on a common scale of G and q (alphas scale with it); unit scale keeps LARS' absolute
-    # tolerances meaningful whatever the magnitude of the activations.
-    alphas, _, coefs = lars_path_gram(Xy=q / scale, Gram=G / scale, n_samples=max(1, n_rows), method="lasso",
-                                      max_iter=10 * len(q) + 10)
+    # The path does not depend on a common scale of G and q (alphas scale with it); unit scale keeps the solver's
+    # relative tolerances meaningful whatever the magnitude of the activations.
+    alphas, coefs = lasso_path(G / scale, q / scale, max(1, n_rows), until=until)
     return alphas * scale, coefs
 
 
@@ -161,9 +156,11 @@ def select_channels(G: np.ndarray, q: np.ndarray, n_rows: int, keep: int,
         return Selection(np.arange(c), None, c)
     if keep <= 0:
         return Selection(np.arange(0), None, 0)
-    alphas, coefs = lars_path(G, q, n_rows)
     if rank_tol is not None:
+        # The search needs the path until the count passes its window, no further.
+        alphas, coefs = lars_path(G, q, n_rows, until=min(c, int(math.floor(keep * (1 + rank_tol))) + 1))
         return _search(alphas, coefs, G, q, keep, rank_tol)
+    alphas, coefs = lars_path(G, q, n_rows, until=keep)
     counts = (coefs != 0).sum(0)
     hits = np.nonzero(counts == keep)[0]
     if len(hits):
@@ -243,7 +240,9 @@ def relative_error(A: np.ndarray, B: np.ndarray, yy: float, weights: np.ndarray)
     """||Y - X~ W~|| / ||Y|| from the statistics; ``weights`` is (D + 1) x n, the bias row last."""
     if not yy > 0:
         return 0.0
-    sq = yy - 2.0 * float((weights * B).sum()) + float((weights * (A @ weights)).sum())
+    rows = np.flatnonzero(np.any(weights != 0, axis=1))          # removed columns are zero rows: skip them
+    W = weights[rows]
+    sq = yy - 2.0 * float((W * B[rows]).sum()) + float((W * (A[np.ix_(rows, rows)] @ W)).sum())
     return math.sqrt(max(sq, 0.0) / yy)
 
 
