@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("sklearn")
+pytest.importorskip("scipy")
 
 from slim.cli import main  # noqa: E402
 from slim.decompose import DecomposePolicy, decompose_net, write_decomposed  # noqa: E402

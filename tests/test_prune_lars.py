@@ -8,7 +8,7 @@ import pytest
 from slim.errors import PruneError
 from slim.prune.lars import lasso_path
 
-sklearn_lars = pytest.importorskip("sklearn.linear_model")
+pytest.importorskip("scipy")
 
 
 def _problem(seed):
@@ -25,6 +25,7 @@ def _problem(seed):
 
 
 def _sklearn(G, q, N):
+    sklearn_lars = pytest.importorskip("sklearn.linear_model")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         alphas, _, coefs = sklearn_lars.lars_path_gram(Xy=q, Gram=G, n_samples=N, method="lasso",

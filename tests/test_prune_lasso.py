@@ -2,13 +2,14 @@
 agrees), reconstruction lowers the error, redundancy is found, memory does not grow, bad input is refused."""
 
 import json
+import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("sklearn")
+pytest.importorskip("scipy")
 
 from slim.cli import main  # noqa: E402
 from slim.errors import PruneError  # noqa: E402
@@ -202,6 +203,15 @@ def test_a_deploy_net_without_a_calibration_source_is_refused():
     net = parse_net(VGG)
     with pytest.raises(PruneError, match="--calib-net"):
         prune_net(net, random_blobs(net), PrunePolicy(percent=0.5, criterion="lasso"))
+
+
+def test_without_scipy_lasso_is_refused_before_any_calibration_pass(monkeypatch):
+    net = parse_net(VGG)
+    cal = Calibration(images=16, net=calib_net(3, 8, 8), progress=False)
+    monkeypatch.setitem(sys.modules, "scipy.linalg.blas", None)
+    monkeypatch.setattr(StatsPass, "run", lambda *a, **k: pytest.fail("a calibration pass ran"))
+    with pytest.raises(PruneError, match=r"pip install 'slim\[lasso\]'"):
+        prune_net(net, random_blobs(net), PrunePolicy(percent=0.5, criterion="lasso"), calibration=cal)
 
 
 def test_calibration_images_of_another_shape_are_refused():

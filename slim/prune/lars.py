@@ -24,7 +24,7 @@ import numpy as np
 
 from slim.errors import PruneError
 
-__all__ = ["lasso_path"]
+__all__ = ["lasso_path", "require_solver"]
 
 # A channel whose column is this close to the span of the active ones (relative squared residual) never joins:
 # its Cholesky pivot would be noise.
@@ -35,7 +35,8 @@ _TIE = 1e-6
 _END = 1e-12
 
 
-def _tpsv():
+def require_solver():
+    """scipy's ``dtpsv``, or a PruneError that says how to install it (checked before any calibration pass)."""
     try:
         from scipy.linalg.blas import dtpsv
     except ImportError:
@@ -61,7 +62,7 @@ def lasso_path(G: np.ndarray, q: np.ndarray, n_rows: int, until: Optional[int] =
         left the active set at a breakpoint is zero there. The path ends early where the remaining channels are
         linear combinations of the active ones or the fit is exact.
     """
-    dtpsv = _tpsv()
+    dtpsv = require_solver()
     q = np.asarray(q, np.float64)
     c = len(q)
     n = max(1, int(n_rows))

@@ -41,6 +41,7 @@ from slim.graph import NetGraph
 from slim.prune.calibrate import Calibration, CalibrationSource, ReaderUnit, StatsPass, inputs_only, reader_units
 from slim.prune.groups import ChannelAnalysis
 from slim.prune.importance import ChannelScores
+from slim.prune.lars import require_solver
 from slim.prune.lasso import (channel_gram, expand, least_squares, relative_error, select_channels,
                               unexplained)
 from slim.prune.plan import PrunePlan, PrunePolicy, make_plan
@@ -257,6 +258,7 @@ def reconstruct_prune(graph: NetGraph, analysis: ChannelAnalysis, blobs: Mapping
     """
     t_start = time.perf_counter()
     calibration.check()
+    require_solver()
     data_tops = {t: s for n in graph.layers if n.layer.is_data for t, s in zip(n.tops, n.top_shapes)}
     image_top = source.top if source.top in data_tops else None
     if image_top is None:
