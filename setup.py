@@ -25,8 +25,8 @@ setup(
     install_requires=["torch>=2.1", "protobuf>=4.25,<8", "numpy>=1.22"],
     extras_require={
         # opencv-python-headless: an independent Caffe forward oracle; 5.x removed the Caffe importer.
-        "test": ["pytest>=7", "opencv-python-headless>=4.5,<5", "pillow>=9", "lmdb>=1.0", "scikit-learn>=1.1",
-                 "onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.2", "h5py>=3.0"],
+        "test": ["pytest>=7", "opencv-python-headless>=4.5,<5", "pillow>=9", "lmdb>=1.0", "scipy>=1.8",
+                 "scikit-learn>=1.1", "onnx>=1.16", "onnxruntime>=1.17", "onnxscript>=0.2", "h5py>=3.0"],
         "image": ["pillow>=9"],
         "plot": ["matplotlib>=3.5"],
         "lmdb": ["lmdb>=1.0"],

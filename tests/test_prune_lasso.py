@@ -279,6 +279,7 @@ def test_source_points_the_calibration_at_local_data_and_the_written_net_keeps_i
                                                                                        monkeypatch):
     # A net made elsewhere names a training LMDB that is not here (its test LMDB is): --source calibrates on a local
     # one, the prototxt and the pruned net keep the source they name; the criteria that read no data refuse the flag.
+    pytest.importorskip("lmdb")
     from slim.io import read_net, write_caffemodel
     from tests.solver_helpers import lmdb_tiny_net
 
