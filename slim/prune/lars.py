@@ -60,8 +60,9 @@ def lasso_path(G: np.ndarray, q: np.ndarray, n_rows: int, until: Optional[int] =
 
     Returns:
         (alphas, coefs): alphas decreasing (len m), coefs c x m, the coefficients at each breakpoint; a channel that
-        left the active set at a breakpoint is zero there. The path ends early where the remaining channels are
-        linear combinations of the active ones or the fit is exact.
+        left the active set at a breakpoint is zero there. A channel in the span of the active ones (a duplicate,
+        a dead one) never joins, so the path may end, at alpha 0 or an exact fit, with fewer than c (or ``until``)
+        channels active.
     """
     dtpsv = require_solver()
     q = np.asarray(q, np.float64)
