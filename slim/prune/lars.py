@@ -11,10 +11,11 @@ tests compare against): at a few thousand channels scikit-learn's solver spends 
 step re-lays the active Cholesky factor for a solve and multiplies through a strided view of the Gram matrix that
 numpy does not hand to BLAS -- 43 ms a step where the arithmetic needs 3 (4,096 channels, 2,048 active), and it
 always walks on past the count asked for (benchmarks/bench_lars.py: 472 s against 7.8 s). Its path also stops at an
-absolute penalty (float32 epsilon), which a calibration of millions of rows reaches long before the asked count. Here the factor is kept packed (row-major lower = column-major packed
-upper, so appending a row is appending to an array, and BLAS's ``tpsv`` solves in place), the Gram rows of the
-active channels are kept first so the correlation update is one contiguous ``gemv``, the path stops at the asked
-count, and the forward solve for the equiangular direction is updated by one element per step.
+absolute penalty (float32 epsilon), which a calibration of millions of rows reaches long before the asked count.
+Here the factor is kept packed (row-major lower = column-major packed upper, so appending a row is appending to an
+array, and BLAS's ``tpsv`` solves in place), the Gram rows of the active channels are kept first so the correlation
+update is one contiguous ``gemv``, the path stops at the asked count, and the forward solve for the equiangular
+direction is updated by one element per step.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def require_solver():
     return dtpsv
 
 
-def lasso_path(G: np.ndarray, q: np.ndarray, n_rows: int, until: Optional[int] = None,
-               max_iter: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+def lasso_path(G: np.ndarray, q: np.ndarray, n_rows: int,
+               until: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
     """The LASSO path of a Gram-form problem, breakpoint by breakpoint.
 
     Args:
@@ -56,7 +57,6 @@ def lasso_path(G: np.ndarray, q: np.ndarray, n_rows: int, until: Optional[int] =
         n_rows: n, the rows of the stacked problem (scales alpha only).
         until: stop at the first breakpoint with this many active channels (the path up to there is the same as
             the whole path's); None walks to the end.
-        max_iter: a bound on the steps (default 10 c + 10).
 
     Returns:
         (alphas, coefs): alphas decreasing (len m), coefs c x m, the coefficients at each breakpoint; a channel that
@@ -69,7 +69,7 @@ def lasso_path(G: np.ndarray, q: np.ndarray, n_rows: int, until: Optional[int] =
     c = len(q)
     n = max(1, int(n_rows))
     cap = c if until is None else max(0, min(int(until), c))
-    steps = 10 * c + 10 if max_iter is None else int(max_iter)
+    steps = 10 * c + 10                                             # a bound: joins and leaves, with slack
 
     Gw = np.array(G, dtype=np.float64, order="C", copy=True)      # rows reordered: the active channels' rows first
     diag = np.diag(Gw).copy()
@@ -144,8 +144,8 @@ def lasso_path(G: np.ndarray, q: np.ndarray, n_rows: int, until: Optional[int] =
         with np.errstate(divide="ignore", invalid="ignore"):
             z = -beta[idx] / d
         z[~(z > 0) | ~np.isfinite(z)] = np.inf
-        leaver = int(np.argmin(z)) if k else -1
-        if k and z[leaver] < gamma:
+        leaver = int(np.argmin(z))
+        if z[leaver] < gamma:
             gamma = float(z[leaver])
             dropped = True
 
@@ -166,8 +166,6 @@ def lasso_path(G: np.ndarray, q: np.ndarray, n_rows: int, until: Optional[int] =
             y[:k] = dtpsv(k, packed, sign[np.asarray(order)], lower=0, trans=1) if k else y[:0]
         alphas.append(C / n)
         coefs.append(beta.copy())
-        if until is not None and len(order) >= cap:
-            break
     return np.asarray(alphas), np.stack(coefs, axis=1)
 
 

@@ -95,8 +95,8 @@ class Selection:
 
     Attributes:
         kept: indices into the candidates, sorted.
-        alpha: the LASSO penalty at which they are the active set (the objective is
-            ``1/(2 n_rows) ||y - Z beta||^2 + alpha ||beta||_1``); None when nothing was solved (all kept).
+        alpha: the LASSO penalty at which they are the active set (the objective is ``1/(2 n_rows) ||y - Z beta||^2
+            + alpha ||beta||_1``); None when nothing was solved (all kept).
         active: the size of the active set at ``alpha`` (below the asked count when the path ended early and the
             rest was filled by correlation, or above it within --rank-tol).
         filled: channels added by correlation because the path never activated them (their columns are linearly
